@@ -54,6 +54,14 @@ class RoundConfig(BaseModel):
     loss_spike_factor: float = Field(
         5.0, gt=1.0, le=1e6, description="Roll back when loss exceeds this times its running mean."
     )
+    max_median_loss: float | None = Field(
+        1.5,
+        gt=0.6931472,
+        le=1e6,
+        description="Stop the round when the running median loss exceeds this (it starts at "
+        "ln 2 = 0.693 and falls while learning); catches a run that is bad from the start. "
+        "null disables the check.",
+    )
     eval_prompts: int = Field(32, ge=0, le=100_000, description="Prompts for the judge's eval.")
 
     @model_validator(mode="after")
@@ -63,6 +71,39 @@ class RoundConfig(BaseModel):
         return self
 
 
-def resolve_config(overrides: dict[str, Any] | None) -> RoundConfig:
-    """Defaults with ``overrides`` applied; raises ``pydantic.ValidationError`` when invalid."""
-    return RoundConfig.model_validate(overrides or {})
+#: Defaults that depend on the family of the round's base model, applied under the admin's
+#: overrides (``RoundConfig``'s own field defaults are for whatever no family names).
+#:
+#: - ``builtin``: the offline model ``builtin:shapes`` (1.7M parameters, trained from scratch):
+#:   the values tuned by ``bench/alignment.py`` on the validation split
+#:   (docs/alignment-benchmark.md). SD-sized learning rates move nothing on it.
+#: - ``diffusers``: SD1.5 / SDXL pipelines: diffusers' Diffusion-DPO LoRA example
+#:   (``--learning_rate 1e-5 --rank 8 --beta_dpo 2500``; β doubled to this project's convention,
+#:   see ``worker.alignment.config``).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "builtin": {"learning_rate": 3e-3, "beta": 2000.0, "lora_rank": 8, "batch_size": 8},
+    "diffusers": {"learning_rate": 1e-5, "beta": 5000.0, "lora_rank": 8},
+}
+
+
+def model_family(base_model: str | None) -> str | None:
+    """``"builtin"`` for ``builtin:*`` ids, ``"diffusers"`` for any other id or path, None for
+    an unknown base model (no version yet)."""
+    if not base_model:
+        return None
+    return "builtin" if base_model.startswith("builtin:") else "diffusers"
+
+
+def defaults_for(base_model: str | None) -> dict[str, Any]:
+    """The full default config for rounds on ``base_model`` (a JSON-ready dict)."""
+    family = model_family(base_model)
+    merged = RoundConfig.model_validate(FAMILY_DEFAULTS.get(family or "", {}))
+    return merged.model_dump(mode="json")
+
+
+def resolve_config(overrides: dict[str, Any] | None, base_model: str | None = None) -> RoundConfig:
+    """The defaults for ``base_model``'s family with ``overrides`` applied on top; raises
+    ``pydantic.ValidationError`` when the result is invalid."""
+    family = model_family(base_model)
+    merged = {**FAMILY_DEFAULTS.get(family or "", {}), **(overrides or {})}
+    return RoundConfig.model_validate(merged)

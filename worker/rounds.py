@@ -85,7 +85,7 @@ from backend.models import (
     VersionStatus,
     Vote,
 )
-from backend.round_config import RoundConfig
+from backend.round_config import RoundConfig, resolve_config
 from backend.services import rounds as round_service
 from backend.services import versions as version_service
 from backend.services.common import as_utc, dialect_insert
@@ -177,6 +177,7 @@ def train_config(config: dict[str, Any]) -> Any:
             seed=rc.seed,
             checkpoint_every=rc.checkpoint_every,
             loss_spike_factor=rc.loss_spike_factor,
+            max_median_loss=rc.max_median_loss,
             log_every=1,
         )
     except ConfigError as exc:
@@ -935,7 +936,7 @@ def maybe_schedule_round(
     the commit. Returns the new round's id.
 
     The config is the latest succeeded round's (what an admin last chose and saw work), else
-    the defaults.
+    the defaults for the serving version's base model family.
     """
     if settings.round_every_n_pairs <= 0:
         return None
@@ -948,10 +949,11 @@ def maybe_schedule_round(
             .order_by(TrainingRound.id.desc())
             .limit(1)
         ).first()
+        base_model = round_service.base_model_for(session, None, settings.base_model)
         try:
-            config = RoundConfig.model_validate(last or {})
+            config = RoundConfig.model_validate(last) if last else resolve_config({}, base_model)
         except ValueError:
-            config = RoundConfig()
+            config = resolve_config({}, base_model)
         rnd = round_service.create_round(session, config, created_by=None)
         round_id = rnd.id
         session.commit()

@@ -37,6 +37,16 @@ def _training_votes(config: RoundConfig | None = None):  # type: ignore[no-untyp
     )
 
 
+def base_model_for(session: Session, parent_version_id: int | None, fallback: str) -> str:
+    """The base model a round on ``parent_version_id`` (default: the serving version) trains;
+    ``fallback`` (the configured base model) when there is no version yet. 404 for an unknown
+    ``parent_version_id``."""
+    if parent_version_id is not None:
+        return versions.get_version(session, parent_version_id).base_model
+    parent = versions.serving_version(session)
+    return parent.base_model if parent is not None else fallback
+
+
 def create_round(
     session: Session,
     config: RoundConfig,

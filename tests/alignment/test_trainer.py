@@ -299,6 +299,28 @@ def test_loss_spike_guard():
     assert all(off.observe(x) is None for x in (0.1, 100.0, 1e6))
 
 
+def test_loss_ceiling_catches_a_run_bad_from_the_start():
+    # no spike ever (the loss is flat), but it sits far above ln 2 from the first step
+    guard = LossSpikeGuard(factor=4.0, window=5, min_history=3, max_consecutive=2, ceiling=1.5)
+    assert guard.observe(2.0) is None
+    assert guard.observe(2.1) is None  # fewer than min_history losses: no verdict yet
+    reason = guard.observe(2.0)
+    assert reason is not None and "median loss 2" in reason and "lower the learning rate" in reason
+    # a run around ln 2, or one that improves, never trips it; the median, not one bad step
+    ok = LossSpikeGuard(factor=None, window=5, min_history=3, max_consecutive=2, ceiling=1.5)
+    assert all(ok.observe(x) is None for x in (0.69, 0.7, 3.0, 0.6, 0.5, 0.4))
+    # right at the ceiling is not above it
+    edge = LossSpikeGuard(factor=None, window=3, min_history=3, max_consecutive=2, ceiling=1.5)
+    assert all(edge.observe(x) is None for x in (1.5, 1.5, 1.5, 1.5))
+
+
+def test_max_median_loss_is_validated():
+    with pytest.raises(ConfigError, match="max_median_loss"):
+        TrainConfig(max_median_loss=0.5)  # below the starting value ln 2: every run would stop
+    assert TrainConfig(max_median_loss=None).max_median_loss is None
+    assert LossSpikeGuard.from_config(TrainConfig(max_median_loss=2.5)).ceiling == 2.5
+
+
 def test_should_stop_cancels_cleanly(tiny_pixel, tmp_path):
     seen: list[int] = []
     with pytest.raises(TrainingCancelled) as info:

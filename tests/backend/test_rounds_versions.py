@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from backend.models import PairKind, VersionStatus
+from backend.round_config import FAMILY_DEFAULTS, RoundConfig
 
 
 def test_create_round_is_202_committed_then_dispatched(env, client):
@@ -61,6 +62,34 @@ def test_config_schema_is_served(env, client):
         "dde-stepwise",
         "dde-single-shot",
     }
+
+
+def test_round_defaults_follow_the_base_model_family(env, client):
+    h = env.admin_headers()
+    d = client.get("/api/v1/rounds/config-defaults", headers=h)
+    assert d.status_code == 200, d.text
+    d = d.json()
+    assert d["base_model"] == "builtin:shapes"
+    assert d["config"]["learning_rate"] == FAMILY_DEFAULTS["builtin"]["learning_rate"]
+    assert d["config"]["learning_rate"] != RoundConfig().learning_rate
+    rid = client.post("/api/v1/rounds", headers=h, json={"config": {"steps": 5}}).json()["round_id"]
+    assert client.get(f"/api/v1/rounds/{rid}", headers=h).json()["config"] == {
+        **d["config"],
+        "steps": 5,
+    }
+    client.post(f"/api/v1/rounds/{rid}/cancel", headers=h)
+    r = client.post("/api/v1/rounds", headers=h, json={"config": {"learning_rate": 0.5}})
+    got = client.get(f"/api/v1/rounds/{r.json()['round_id']}", headers=h).json()["config"]
+    assert got["learning_rate"] == 0.5 and got["lora_rank"] == d["config"]["lora_rank"]
+    base = env.base_version_id()
+    by_parent = client.get(
+        f"/api/v1/rounds/config-defaults?parent_version_id={base}", headers=h
+    ).json()
+    assert by_parent == d
+    bad = client.get("/api/v1/rounds/config-defaults?parent_version_id=9999", headers=h)
+    assert bad.status_code == 404
+    _, ann = env.user()
+    assert client.get("/api/v1/rounds/config-defaults", headers=ann).status_code == 403
 
 
 def test_cancel_then_409_and_unknown_round_404(env, client):

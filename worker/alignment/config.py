@@ -202,12 +202,24 @@ class TrainConfig:
         ),
     )
 
+    max_median_loss: float | None = field(
+        default=1.5,
+        metadata=_doc(
+            "Stop the run as diverged when the running median of the step losses (over "
+            "spike_window steps, once spike_min_history are known) exceeds this. The loss "
+            "starts at ln 2 = 0.693 and falls while the model learns the preferences; a median "
+            "above 1.5 means the typical pair is preferred the wrong way round with odds of "
+            "about 3:1, i.e. a run bad from the start. None disables the check."
+        ),
+    )
+
     RESUMABLE_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
             "steps",
             "checkpoint_every",
             "keep_checkpoints",
             "log_every",
+            "max_median_loss",
             "loss_spike_factor",
             "spike_window",
             "spike_min_history",
@@ -268,6 +280,7 @@ class TrainConfig:
         self._int("histogram_bins", minimum=1)
 
         self._float("loss_spike_factor", minimum=1.0, strict=True, optional=True)
+        self._float("max_median_loss", minimum=math.log(2), strict=True, optional=True)
         self._int("spike_window", minimum=1)
         self._int("spike_min_history", minimum=1)
         self._int("max_consecutive_spikes", minimum=1)

@@ -378,12 +378,20 @@ class LossSpikeGuard:
     ``max_consecutive`` spikes in a row, :meth:`observe` returns the reason to stop.
     ``factor=None`` disables the check. Non-finite losses are the trainer's business: they stop a
     run at once.
+
+    A run that is bad *from the start* has no good history to spike against, so there is also a
+    ceiling: every DPO-family loss starts at ``ln 2 ≈ 0.693`` (the model equals its reference),
+    and a run that learns the preferences brings it down. Once ``min_history`` losses are known,
+    a running median above ``ceiling`` means the model is moving *against* the preferences
+    (typically a learning rate or β far too large), and :meth:`observe` returns the reason to
+    stop. ``ceiling=None`` disables it.
     """
 
     factor: float | None
     window: int
     min_history: int
     max_consecutive: int
+    ceiling: float | None = None
     recent: list[float] = field(default_factory=list)
     consecutive: int = 0
 
@@ -394,10 +402,23 @@ class LossSpikeGuard:
             config.spike_window,
             config.spike_min_history,
             config.max_consecutive_spikes,
+            config.max_median_loss,
         )
 
     def observe(self, loss: float) -> str | None:
         """Records one step's loss; returns why the run must stop, or None."""
+        reason = self._observe_spike(loss)
+        if reason is None and self.ceiling is not None and len(self.recent) >= self.min_history:
+            median = statistics.median(self.recent)
+            if median > self.ceiling:
+                return (
+                    f"the running median loss {median:.4g} is above {self.ceiling:g} (it starts "
+                    f"at ln 2 = 0.693 and should fall): the model is moving against the "
+                    f"preferences; lower the learning rate or beta"
+                )
+        return reason
+
+    def _observe_spike(self, loss: float) -> str | None:
         if self.factor is not None and len(self.recent) >= self.min_history:
             median = statistics.median(self.recent)
             if median > 0 and loss > self.factor * median:

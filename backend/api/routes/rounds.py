@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from backend.api.deps import AdminUser, IdPath, Limit, Offset, SessionDep, StateDep
 from backend.api.errors import _json_safe_errors
 from backend.models import RoundStatus
-from backend.round_config import RoundConfig, resolve_config
+from backend.round_config import RoundConfig, defaults_for, resolve_config
 from backend.schemas import (
     RoundAccepted,
     RoundCreate,
@@ -34,8 +34,11 @@ def create_round(
     """Queue a training round (config overrides validated: a bad value is a 422 naming it).
     The round is committed first, then handed to the workers."""
     body = body or RoundCreate()
+    base_model = round_service.base_model_for(
+        session, body.parent_version_id, state.settings.base_model
+    )
     try:
-        config = resolve_config(body.config)
+        config = resolve_config(body.config, base_model)
     except ValidationError as exc:
         errors = _json_safe_errors(exc.errors())
         for e in errors:
@@ -60,6 +63,19 @@ def create_round(
 def config_schema(admin: AdminUser) -> dict[str, Any]:
     """JSON Schema of the round config (every field optional in ``POST /rounds``)."""
     return RoundConfig.model_json_schema()
+
+
+@router.get("/config-defaults")
+def config_defaults(
+    session: SessionDep,
+    state: StateDep,
+    admin: AdminUser,
+    parent_version_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+) -> dict[str, Any]:
+    """The config a round gets with no overrides: the defaults for the family of its base model
+    (the serving version's, or ``parent_version_id``'s)."""
+    base_model = round_service.base_model_for(session, parent_version_id, state.settings.base_model)
+    return {"base_model": base_model, "config": defaults_for(base_model)}
 
 
 @router.get("", response_model=RoundsPublic)
