@@ -417,13 +417,10 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
         if votes.get("votes", 0) == 0:
             raise RuntimeError("no votes were collected; see the worker log")
 
+        # Learning rate, beta, rank and batch are the built-in family's round defaults
+        # (backend.round_config.FAMILY_DEFAULTS: the alignment benchmark's tuned values).
         config = {
             "steps": a.steps,
-            # The built-in model's LoRA needs a far larger step than SD's 1e-5: these are the
-            # alignment benchmark's settings (docs/alignment-benchmark.md).
-            "learning_rate": 3e-3,
-            "beta": 2000.0,
-            "batch_size": 8,
             "eval_prompts": a.eval_prompts,
             "checkpoint_every": max(1, a.steps // 4),
         }

@@ -2,8 +2,9 @@
 
 One queue per kind of work, so that GPU and CPU pools scale apart:
 
-- :attr:`Queue.GPU`: work that runs the diffusion model (training a round, sampling the images of
-  new pairs, evaluating a candidate version). A GPU worker runs it with concurrency 1.
+- :attr:`Queue.GPU`: work that runs the diffusion model (training a round, which also judges
+  its candidate for the built-in model, and sampling the images of new pairs). A GPU worker runs
+  it with concurrency 1.
 - :attr:`Queue.CPU`: bookkeeping that never loads a model (the sweeper).
 
 Tasks have explicit names, never the Python path Celery would derive, so that moving a function
@@ -28,14 +29,11 @@ TRAIN_ROUND = "train.round"
 GENERATE_PAIRS = "pairs.generate"
 #: Re-queue rounds committed to the database but never dispatched, or orphaned (no args).
 SWEEP = "rounds.sweep"
-#: Score a candidate version automatically (args: version_id).
-EVALUATE = "versions.evaluate"
 
 #: Which queue each task goes to. Anything not listed goes to the default queue, CPU.
 TASK_QUEUES: dict[str, Queue] = {
     TRAIN_ROUND: Queue.GPU,
     GENERATE_PAIRS: Queue.GPU,
-    EVALUATE: Queue.GPU,
     SWEEP: Queue.CPU,
 }
 
@@ -43,7 +41,6 @@ DEFAULT_QUEUE = Queue.CPU
 
 __all__ = [
     "DEFAULT_QUEUE",
-    "EVALUATE",
     "GENERATE_PAIRS",
     "SWEEP",
     "TASK_QUEUES",

@@ -12,6 +12,7 @@ from worker.alignment.losses import (
     PreferenceLossOutput,
     beta_from_diffusers_example,
     beta_to_diffusers_example,
+    epsilon_error_scale,
     per_sample_mse,
     preference_loss,
 )
@@ -192,3 +193,38 @@ def test_mismatched_or_non_vector_errors_are_rejected():
         )
     with pytest.raises(ValueError):
         preference_loss(t(), t(), t(), t(), beta=1.0)
+
+
+def test_epsilon_error_scale_by_hand():
+    ac = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+    assert epsilon_error_scale(ac, t, "epsilon").tolist() == [1.0, 1.0, 1.0]
+    assert epsilon_error_scale(ac, t, "v_prediction").tolist() == pytest.approx([0.9, 0.5, 0.2])
+    # SNR = a / (1 - a): 9, 1, 0.25
+    assert epsilon_error_scale(ac, t, "sample").tolist() == pytest.approx([9.0, 1.0, 0.25])
+    with pytest.raises(ValueError, match="prediction_type"):
+        epsilon_error_scale(ac, t, "flow")
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+def test_scaled_target_error_equals_the_noise_prediction_error(kind):
+    # One network output, read three ways: the ε-error recovered through the scale must be the
+    # error of the ε-prediction that the same output implies.
+    g = torch.Generator().manual_seed(0)
+    ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    t = torch.tensor([3, 250, 500, 990])
+    a = ac[t].view(-1, 1, 1, 1)
+    x0 = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    eps_hat = eps + 0.3 * torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    if kind == "v_prediction":
+        target, pred = (
+            a.sqrt() * eps - (1 - a).sqrt() * x0,
+            a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat,
+        )
+    else:
+        target, pred = x0, x0_hat
+    scaled = per_sample_mse(pred, target) * epsilon_error_scale(ac, t, kind).double()
+    assert torch.allclose(scaled, per_sample_mse(eps_hat, eps), rtol=1e-5)

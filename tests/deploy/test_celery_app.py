@@ -40,7 +40,7 @@ from worker.celery_app import (
     create_celery,
     result_backend_for,
 )
-from worker.queues import EVALUATE, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND, Queue
+from worker.queues import GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND, Queue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -85,7 +85,7 @@ def test_reliability_and_serialisation(tmp_path: Path) -> None:
 
 def test_routes_send_each_task_to_its_queue(tmp_path: Path) -> None:
     app = create_celery(embedded(tmp_path))
-    expected = {TRAIN_ROUND: "gpu", GENERATE_PAIRS: "gpu", EVALUATE: "gpu", SWEEP: "cpu"}
+    expected = {TRAIN_ROUND: "gpu", GENERATE_PAIRS: "gpu", SWEEP: "cpu"}
     assert {name: queue.value for name, queue in TASK_QUEUES.items()} == expected
     for name, queue in expected.items():
         assert app.amqp.router.route({}, name)["queue"].name == queue, name
@@ -93,11 +93,10 @@ def test_routes_send_each_task_to_its_queue(tmp_path: Path) -> None:
 
 
 def test_task_names_and_queues_are_stable() -> None:
-    assert (TRAIN_ROUND, GENERATE_PAIRS, SWEEP, EVALUATE) == (
+    assert (TRAIN_ROUND, GENERATE_PAIRS, SWEEP) == (
         "train.round",
         "pairs.generate",
         "rounds.sweep",
-        "versions.evaluate",
     )
     assert [q.value for q in Queue] == ["gpu", "cpu"]
     assert Queue("gpu") is Queue.GPU and Queue.CPU == "cpu"

@@ -29,6 +29,7 @@ __all__ = [
     "PreferenceLossOutput",
     "beta_from_diffusers_example",
     "beta_to_diffusers_example",
+    "epsilon_error_scale",
     "per_sample_mse",
     "preference_loss",
 ]
@@ -64,6 +65,35 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     diff = pred.to(dtype) - target.to(dtype)
     return diff.square().reshape(diff.shape[0], -1).mean(dim=1)
+
+
+def epsilon_error_scale(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """Per-sample factors that turn a UNet's target MSE into the ε-prediction MSE.
+
+    DDE's D_t (docs/dde.md) is defined on noise-prediction errors ‖ε - ε_θ‖², and its credit
+    over timesteps is derived for them. With ``x_t = √ᾱ x_0 + √(1-ᾱ) ε``:
+
+    - ``"epsilon"``: the error is already ‖ε - ε_θ‖²: factor 1;
+    - ``"v_prediction"`` (``v = √ᾱ ε - √(1-ᾱ) x_0``): ``ε = √(1-ᾱ) x_t + √ᾱ v``, so
+      ``ε - ε_θ = √ᾱ (v - v_θ)`` and the factor is ``ᾱ_t``;
+    - ``"sample"`` (x_0-prediction): ``ε - ε_θ = -√(ᾱ/(1-ᾱ)) (x_0 - x̂_0)``, so the factor is
+      ``SNR_t = ᾱ_t / (1-ᾱ_t)``.
+
+    Shapes: ``alphas_cumprod [T]``, ``timesteps [B]`` (0-based) -> ``[B]`` float32.
+    """
+    if prediction_type == "epsilon":
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
+    if prediction_type == "v_prediction":
+        return a.float()
+    if prediction_type == "sample":
+        return (a / (1.0 - a)).float()
+    raise ValueError(
+        f"unsupported prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' "
+        "or 'sample'"
+    )
 
 
 @dataclass

@@ -65,7 +65,12 @@ from worker.alignment.adapters import (
 from worker.alignment.backbone import Backbone, Conditioning
 from worker.alignment.config import TrainConfig
 from worker.alignment.credit import CreditParams, TimestepSampler
-from worker.alignment.losses import PreferenceLossOutput, per_sample_mse, preference_loss
+from worker.alignment.losses import (
+    PreferenceLossOutput,
+    epsilon_error_scale,
+    per_sample_mse,
+    preference_loss,
+)
 
 __all__ = [
     "ADAPTER_FILENAME",
@@ -692,6 +697,7 @@ class _Trainer:
         self.prediction_type = getattr(bb.scheduler.config, "prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.alphas_cumprod = bb.alphas_cumprod
         self.latent_shape = (
             bb.latent_channels,
             self.resolution // vae_factor,
@@ -753,11 +759,14 @@ class _Trainer:
                         ref_pred = bb.predict_noise(noisy, t2, cond, unet=base)
                 else:
                     ref_pred = bb.predict_noise(noisy, t2, cond, unet=self.reference)
-            ref_err = per_sample_mse(ref_pred.float(), target.float())
+            # D is in ε-prediction units whatever the UNet predicts (docs/dde.md defines it on
+            # ‖ε - ε_θ‖²): ᾱ_t x the v-MSE for v-prediction, SNR_t x the x_0-MSE for "sample".
+            to_eps = epsilon_error_scale(self.alphas_cumprod, t2, self.prediction_type)
+            ref_err = per_sample_mse(ref_pred.float(), target.float()) * to_eps
 
         with acc.autocast():
             model_pred = bb.predict_noise(noisy, t2, cond, unet=self.model)
-        model_err = per_sample_mse(model_pred.float(), target.float())
+        model_err = per_sample_mse(model_pred.float(), target.float()) * to_eps
         loss, out = pair_losses(
             model_err,
             ref_err,
