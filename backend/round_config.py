@@ -37,6 +37,13 @@ class RoundConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, le=1024)
     warmup_steps: int = Field(0, ge=0, le=1_000_000)
     max_grad_norm: float = Field(1.0, gt=0, le=1e4)
+    winner_anchor: float = Field(
+        0.0,
+        ge=0.0,
+        le=1e6,
+        description="DPO-Positive's lambda: also penalise the model for denoising the winner "
+        "worse than the reference (0 = plain Diffusion-DPO / DDE).",
+    )
     lora_rank: int = Field(4, ge=1, le=1024, description="LoRA rank (ignored with full_finetune).")
     lora_alpha: float | None = Field(None, gt=0, le=4096, description="Defaults to the rank.")
     full_finetune: bool = False
@@ -81,7 +88,7 @@ class RoundConfig(BaseModel):
 #:   (``--learning_rate 1e-5 --rank 8 --beta_dpo 2500``; β doubled to this project's convention,
 #:   see ``worker.alignment.config``).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "builtin": {"learning_rate": 3e-3, "beta": 2000.0, "lora_rank": 8, "batch_size": 8},
+    "builtin": {"learning_rate": 1e-3, "beta": 2000.0, "lora_rank": 8, "batch_size": 8},
     "diffusers": {"learning_rate": 1e-5, "beta": 5000.0, "lora_rank": 8},
 }
 

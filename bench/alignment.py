@@ -104,13 +104,13 @@ class BenchSettings:
     seeds: int = 3
     steps: int = 100
     batch_size: int = 8
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     lr_warmup_steps: int = 0
     beta: float = 2000.0
     lora_rank: int = 8
-    pairs: int = 256
+    pairs: int = 512
     label_noise: float = 0.1
-    eval_prompts: int = 64
+    eval_prompts: int = 128
     eval_seeds: int = 2
     eval_split: str = "test"
     validation_prompts: int = 96

@@ -162,6 +162,7 @@ def train_config(config: dict[str, Any]) -> Any:
             scheme=rc.scheme,
             timestep_mode=rc.timestep_mode,
             beta=rc.beta,
+            winner_anchor=rc.winner_anchor,
             include_ties=rc.include_ties,
             steps=rc.steps,
             batch_size=rc.batch_size,

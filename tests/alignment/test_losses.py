@@ -228,3 +228,41 @@ def test_scaled_target_error_equals_the_noise_prediction_error(kind):
         target, pred = x0, x0_hat
     scaled = per_sample_mse(pred, target) * epsilon_error_scale(ac, t, kind).double()
     assert torch.allclose(scaled, per_sample_mse(eps_hat, eps), rtol=1e-5)
+
+
+# --- DPO-Positive anchor -------------------------------------------------------------------------
+
+
+def test_winner_anchor_by_hand():
+    # m_w=3, r_w=1 (D^w=+2: the winner got worse), m_l=2, r_l=1 (D^l=+1); β/2 = 1, λ = 0.5:
+    # inside = (2 - 1) + 0.5 * max(0, 2) = 2, logit = -2, loss = -log σ(-2) = log(1 + e^2)
+    out = preference_loss(t(3.0), t(2.0), t(1.0), t(1.0), beta=2.0, winner_anchor=0.5)
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(2.0)), rel=1e-6)
+    # without the anchor: logit -1
+    plain = preference_loss(t(3.0), t(2.0), t(1.0), t(1.0), beta=2.0)
+    assert plain.loss.item() == pytest.approx(math.log1p(math.exp(1.0)), rel=1e-6)
+
+
+def test_winner_anchor_is_silent_when_the_winner_improves():
+    # D^w = -1 < 0: max(0, D^w) = 0, the anchored loss is plain DPO's
+    args = (t(1.0, 0.5), t(2.0, 0.7), t(2.0, 0.9), t(2.0, 0.7))
+    anchored = preference_loss(*args, beta=3.0, winner_anchor=10.0)
+    plain = preference_loss(*args, beta=3.0)
+    assert torch.allclose(anchored.per_sample_loss, plain.per_sample_loss)
+
+
+def test_winner_anchor_gradient_pulls_the_winner_error_down_harder():
+    m_w = torch.tensor([3.0], requires_grad=True)
+    preference_loss(m_w, t(2.0), t(1.0), t(1.0), beta=2.0).loss.backward()
+    plain_grad = m_w.grad.item()
+    m_w.grad = None
+    preference_loss(m_w, t(2.0), t(1.0), t(1.0), beta=2.0, winner_anchor=1.0).loss.backward()
+    # d/dm_w of -log σ(-(m_w - r_w - D^l) - λ(m_w - r_w)) = σ(inside) (1 + λ): larger and positive
+    assert 0 < plain_grad < m_w.grad.item()
+    inside = (3.0 - 1.0) - (2.0 - 1.0) + 1.0 * (3.0 - 1.0)  # D^w - D^l + λ D^w = 3
+    assert m_w.grad.item() == pytest.approx(torch.sigmoid(torch.tensor(inside)).item() * 2.0)
+
+
+def test_winner_anchor_is_validated():
+    with pytest.raises(ValueError, match="winner_anchor"):
+        preference_loss(t(1.0), t(1.0), t(1.0), t(1.0), beta=1.0, winner_anchor=-0.1)

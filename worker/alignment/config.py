@@ -73,6 +73,15 @@ class TrainConfig:
             "writes 2500 for the same loss."
         ),
     )
+    winner_anchor: float = field(
+        default=0.0,
+        metadata=_doc(
+            "DPO-Positive's λ (arXiv:2402.13228): adds λ·max(0, D^w) to the winner's side of the "
+            "logit, so that the loss also rises when the model denoises the winner worse than "
+            "the reference. 0 is plain Diffusion-DPO / DDE, which can lower D^w - D^l by making "
+            "both images worse."
+        ),
+    )
     include_ties: bool = field(
         default=False,
         metadata=_doc(
@@ -280,6 +289,7 @@ class TrainConfig:
         self._int("histogram_bins", minimum=1)
 
         self._float("loss_spike_factor", minimum=1.0, strict=True, optional=True)
+        self._float("winner_anchor", minimum=0.0)
         self._float("max_median_loss", minimum=math.log(2), strict=True, optional=True)
         self._int("spike_window", minimum=1)
         self._int("spike_min_history", minimum=1)

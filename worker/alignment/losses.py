@@ -129,6 +129,7 @@ def preference_loss(
     *,
     beta: float,
     weights: torch.Tensor | None = None,
+    winner_anchor: float = 0.0,
 ) -> PreferenceLossOutput:
     """Diffusion-DPO / DDE preference loss, per sample first, then the batch mean.
 
@@ -141,13 +142,20 @@ def preference_loss(
             applied here).
         weights: ``[B]`` per-pair credit weights w (``TimestepSampler`` in weighted mode), or
             ``None`` for w = 1.
+        winner_anchor: λ >= 0 of DPO-Positive (Pal et al. 2024, arXiv:2402.13228), carried
+            over to diffusion: ``λ · max(0, D^w)`` joins the winner's side of the logit, so the
+            loss also rises when the model denoises the *winner* worse than the reference does.
+            Plain DPO only sees the difference D^w - D^l and can lower it by making both
+            images worse ("likelihood displacement"); 0 (the default) is plain DPO.
 
     Returns:
         :class:`PreferenceLossOutput` with ``loss = mean_i -logsigmoid(-(β/2) w_i
-        ((m_w - m_l) - (r_w - r_l))_i)``.
+        ((m_w - m_l) - (r_w - r_l) + λ max(0, m_w - r_w))_i)``.
     """
     if not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
+    if not (math.isfinite(winner_anchor) and winner_anchor >= 0):
+        raise ValueError(f"winner_anchor must be finite and >= 0, got {winner_anchor!r}")
     errs = (model_err_w, model_err_l, ref_err_w, ref_err_l)
     shape = model_err_w.shape
     if model_err_w.ndim != 1 or any(e.shape != shape for e in errs):
@@ -167,7 +175,10 @@ def preference_loss(
 
     d_w = m_w - r_w  # D^w: how much worse than the reference the model is on the winner
     d_l = m_l - r_l
-    logits = -0.5 * beta * (d_w - d_l)
+    inside = d_w - d_l
+    if winner_anchor:
+        inside = inside + winner_anchor * torch.clamp(d_w, min=0.0)
+    logits = -0.5 * beta * inside
     if weights is not None:
         logits = logits * weights.to(device=logits.device, dtype=dtype)
     per_sample = -F.logsigmoid(logits)

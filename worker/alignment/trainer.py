@@ -260,6 +260,7 @@ def pair_losses(
     beta: float,
     weights: torch.Tensor | None = None,
     ties: torch.Tensor | None = None,
+    winner_anchor: float = 0.0,
 ) -> tuple[torch.Tensor, PreferenceLossOutput]:
     """The loss of a micro-batch of B pairs from the per-sample errors on [winners; losers].
 
@@ -271,6 +272,8 @@ def pair_losses(
         ties: ``[B]`` bool, pairs labelled as ties. A tie's loss is the symmetric
             ``0.5 (-log σ(z) - log σ(-z))``, which is minimised when the two implicit rewards
             are equal; decided pairs get ``-log σ(z)``.
+        winner_anchor: DPO-Positive's λ (:func:`preference_loss`); for a tie it anchors each
+            image in its own ordering.
 
     Returns:
         ``(loss, output)``: the scalar loss to backpropagate (mean over pairs) and the
@@ -282,12 +285,24 @@ def pair_losses(
             f"expected [2B] errors, got {tuple(model_err.shape)} and {tuple(ref_err.shape)}"
         )
     out = preference_loss(
-        model_err[:b], model_err[b:], ref_err[:b], ref_err[b:], beta=beta, weights=weights
+        model_err[:b],
+        model_err[b:],
+        ref_err[:b],
+        ref_err[b:],
+        beta=beta,
+        weights=weights,
+        winner_anchor=winner_anchor,
     )
     if ties is None or not bool(ties.any()):
         return out.loss, out
     swapped = preference_loss(
-        model_err[b:], model_err[:b], ref_err[b:], ref_err[:b], beta=beta, weights=weights
+        model_err[b:],
+        model_err[:b],
+        ref_err[b:],
+        ref_err[:b],
+        beta=beta,
+        weights=weights,
+        winner_anchor=winner_anchor,
     )
     ties = ties.to(device=out.per_sample_loss.device, dtype=torch.bool)
     per = torch.where(
@@ -773,6 +788,7 @@ class _Trainer:
             beta=cfg.beta,
             weights=weights if cfg.timestep_mode == "weighted" else None,
             ties=batch["tie"].to(device),
+            winner_anchor=cfg.winner_anchor,
         )
         return loss, out, timesteps
 
