@@ -303,23 +303,35 @@ def snapshot_checkpoint(path: Path, out: Path, attempts: int = 5) -> tuple[Path,
     models into one table.
     """
     import shutil
+    import tempfile
 
+    out.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
+        tmp: Path | None = None
         try:
             fingerprint = checkpoint_fingerprint(path)
             dest = out / f"checkpoint-{fingerprint[:16]}"
             if dest.is_dir() and checkpoint_fingerprint(dest) == fingerprint:
                 return dest, fingerprint
-            tmp = out / f".checkpoint-{fingerprint[:16]}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(path, tmp)
+            # a private temporary name: two benchmarks started together on one --out must not
+            # copy into the same folder
+            tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{fingerprint[:16]}-"))
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
             if checkpoint_fingerprint(tmp) != fingerprint:
                 raise FileNotFoundError("the checkpoint changed while it was copied")
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            if dest.is_dir() and checkpoint_fingerprint(dest) != fingerprint:
+                shutil.rmtree(dest, ignore_errors=True)  # a stale or half-written copy
+            try:
+                os.rename(tmp, dest)  # atomic; fails if another process got there first
+            except OSError:
+                if not (dest.is_dir() and checkpoint_fingerprint(dest) == fingerprint):
+                    raise
             return dest, fingerprint
         except FileNotFoundError:
             time.sleep(2.0)
+        finally:
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     raise RuntimeError(f"could not take a stable copy of the checkpoint at {path}")
 
 

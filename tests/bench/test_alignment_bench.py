@@ -178,3 +178,34 @@ def test_tiny_benchmark_run(tmp_path: Path) -> None:
     # a rerun reads the pairs, the base evaluation and the runs from the cache
     again = ab.run_benchmark(settings, out, log=lambda s: None)
     assert again["table"] == result["table"]
+
+
+def test_concurrent_snapshots_of_one_checkpoint_share_one_copy(tmp_path: Path) -> None:
+    # Two benchmarks started together on one --out once raced on a fixed temporary folder name
+    # (FileExistsError). Every caller must get the same, complete copy.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = tmp_path / "ckpt"
+    (src / "unet").mkdir(parents=True)
+    (src / "model_index.json").write_text('{"kind": "pixel"}')
+    (src / "unet" / "weights.bin").write_bytes(bytes(range(256)) * 400)
+    for i in range(300):  # many files: a copy takes long enough for the callers to overlap
+        (src / "unet" / f"part-{i}.bin").write_bytes(bytes([i % 256]) * 4096)
+    out = tmp_path / "out"
+    start = threading.Barrier(6)
+
+    def snapshot(_: int) -> tuple[Path, str]:
+        start.wait()
+        return ab.snapshot_checkpoint(src, out)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(snapshot, range(6)))
+    assert len({r for r in results}) == 1
+    dest, fingerprint = results[0]
+    assert fingerprint == ab.checkpoint_fingerprint(src) == ab.checkpoint_fingerprint(dest)
+    assert sorted(p.name for p in out.iterdir()) == [dest.name]  # no temporary folder left
+    # a stale copy under the same name is replaced
+    (dest / "unet" / "weights.bin").write_bytes(b"corrupt")
+    again, _ = ab.snapshot_checkpoint(src, out)
+    assert again == dest and ab.checkpoint_fingerprint(dest) == fingerprint
