@@ -88,6 +88,9 @@ def test_round_defaults_follow_the_base_model_family(env, client):
     assert by_parent == d
     bad = client.get("/api/v1/rounds/config-defaults?parent_version_id=9999", headers=h)
     assert bad.status_code == 404
+    # beyond the id column's range: a 422, never a database error (found by the fuzz test)
+    huge = client.get(f"/api/v1/rounds/config-defaults?parent_version_id={2**31}", headers=h)
+    assert huge.status_code == 422
     _, ann = env.user()
     assert client.get("/api/v1/rounds/config-defaults", headers=ann).status_code == 403
 

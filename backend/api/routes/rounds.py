@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Query, status
 from pydantic import ValidationError
 
-from backend.api.deps import AdminUser, IdPath, Limit, Offset, SessionDep, StateDep
+from backend.api.deps import MAX_ID, AdminUser, IdPath, Limit, Offset, SessionDep, StateDep
 from backend.api.errors import _json_safe_errors
 from backend.models import RoundStatus
 from backend.round_config import RoundConfig, defaults_for, resolve_config
@@ -70,7 +70,7 @@ def config_defaults(
     session: SessionDep,
     state: StateDep,
     admin: AdminUser,
-    parent_version_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    parent_version_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> dict[str, Any]:
     """The config a round gets with no overrides: the defaults for the family of its base model
     (the serving version's, or ``parent_version_id``'s)."""
