@@ -2,7 +2,7 @@
 
     python -m bench.alignment                      # the full benchmark (3 training seeds)
     python -m bench.alignment --quick              # the same table in under 2 minutes (indicative)
-    python -m bench.alignment --seeds 3 --steps 100 --pairs 256 --label-noise 0.1 \\
+    python -m bench.alignment --seeds 3 --steps 100 --pairs 512 --label-noise 0.1 \\
         --schemes dde,uniform,dde-stepwise,dde-single-shot --out bench/out
 
 What it does (docs/alignment-benchmark.md has the method, the settings and the measured table):
@@ -90,7 +90,7 @@ class BenchSettings:
         curve_units: the intermediate evaluations judge only the first this many units (the
             final one judges them all); the curve is drawn on these units at every step.
         num_inference_steps, guidance_scale: sampling settings of the data and of the evaluation
-            (None: the checkpoint's defaults, 25 DDIM steps and guidance 3). 10 DDIM steps by
+            (None: the checkpoint's defaults, 25 DDIM steps and guidance 1). 10 DDIM steps by
             default: 2.5x cheaper than 25, see docs/alignment-benchmark.md.
         data_seed: seed of the data's prompt choice, image seeds and label noise.
         split_seed: seed of ``world.split_prompts``.
@@ -103,10 +103,10 @@ class BenchSettings:
     schemes: tuple[str, ...] = SCHEMES
     seeds: int = 3
     steps: int = 100
-    batch_size: int = 8
+    batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 0
-    beta: float = 2000.0
+    beta: float = 20000.0
     lora_rank: int = 8
     pairs: int = 512
     label_noise: float = 0.1
