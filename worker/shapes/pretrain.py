@@ -226,6 +226,17 @@ def pretrain(
     ema_pairs = list(
         zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params, strict=True)
     )
+    # what is evaluated during training and returned: the EMA weights, updated in place
+    trained = Backbone(
+        kind="pixel",
+        unet=ema_unet,
+        scheduler=scheduler,
+        text_encoder=ema_text,
+        tokenizer=tokenizer,
+        resolution=mcfg.resolution,
+        name=backbone.name,
+        extra=dict(backbone.extra),
+    )
     unet.train()
     text_encoder.train()
 
@@ -271,18 +282,8 @@ def pretrain(
         if step % 25 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if eval_every > 0 and (step + 1) % eval_every == 0:
-            snapshot = Backbone(
-                kind="pixel",
-                unet=ema_unet,
-                scheduler=scheduler,
-                text_encoder=ema_text,
-                tokenizer=tokenizer,
-                resolution=mcfg.resolution,
-                name=backbone.name,
-                extra=dict(backbone.extra),
-            )
             with torch.random.fork_rng(devices=[]):
-                result = evaluate(snapshot, eval_prompts, seed=cfg.eval_seed)
+                result = evaluate(trained, eval_prompts, seed=cfg.eval_seed)
             curve.append(
                 {
                     "step": step + 1,
@@ -298,16 +299,6 @@ def pretrain(
 
     ema_unet.eval()
     ema_text.eval()
-    trained = Backbone(
-        kind="pixel",
-        unet=ema_unet,
-        scheduler=scheduler,
-        text_encoder=ema_text,
-        tokenizer=tokenizer,
-        resolution=mcfg.resolution,
-        name=backbone.name,
-        extra=dict(backbone.extra),
-    )
     stats = {
         "train_seconds": round(elapsed, 1),
         "final_loss": round(float(np.mean(losses[-100:])), 5),
