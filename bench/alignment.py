@@ -79,6 +79,8 @@ class BenchSettings:
         lr_warmup_steps: linear warm-up.
         beta: β, in Diffusion-DPO's reference convention (loss = -log σ(-0.5 β ...)).
         lora_rank: LoRA rank (alpha = rank).
+        winner_anchor: DPO-Positive's λ (``TrainConfig.winner_anchor``), the same for every
+            scheme; 0 is plain Diffusion-DPO / DDE.
         pairs: decisive (non-tie) preference pairs to train on.
         label_noise: probability that a decisive judge vote is flipped.
         eval_prompts: held-out prompts to evaluate on.
@@ -108,6 +110,7 @@ class BenchSettings:
     lr_warmup_steps: int = 0
     beta: float = 20000.0
     lora_rank: int = 8
+    winner_anchor: float = 0.0
     pairs: int = 512
     label_noise: float = 0.1
     eval_prompts: int = 128
@@ -149,6 +152,8 @@ class BenchSettings:
             raise ValueError(f"eval_split must be 'test' or 'validation', got {self.eval_split!r}")
         if self.beta <= 0 or self.learning_rate <= 0:
             raise ValueError("beta and learning_rate must be > 0")
+        if self.winner_anchor < 0:
+            raise ValueError(f"winner_anchor must be >= 0, got {self.winner_anchor}")
 
     def replace(self, **changes: Any) -> BenchSettings:
         return dataclasses.replace(self, **changes)
@@ -574,6 +579,7 @@ def train_config(settings: BenchSettings, scheme: str, seed: int) -> Any:
         lr_warmup_steps=settings.lr_warmup_steps,
         beta=settings.beta,
         lora_rank=settings.lora_rank,
+        winner_anchor=settings.winner_anchor,
         seed=seed,
         checkpoint_every=0,
         log_every=1,
@@ -1033,7 +1039,8 @@ def report(result: dict[str, Any]) -> str:
         head,
         result["title"],
         f"lr {s['learning_rate']:g}, beta {s['beta']:g}, LoRA rank {s['lora_rank']}, "
-        f"sampling: DDIM {s['num_inference_steps'] or 'default'} steps, guidance "
+        + (f"winner anchor {s['winner_anchor']:g}, " if s.get("winner_anchor") else "")
+        + f"sampling: DDIM {s['num_inference_steps'] or 'default'} steps, guidance "
         f"{s['guidance_scale'] or 'default'}; 95% CIs: hierarchical bootstrap "
         f"(training seeds, then units), paired against the base",
         "",
@@ -1074,6 +1081,11 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, Path, int, int]:
         "--beta", type=float, help=f"beta, Diffusion-DPO reference convention (default {d.beta:g})"
     )
     p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.lora_rank})")
+    p.add_argument(
+        "--winner-anchor",
+        type=float,
+        help=f"DPO-Positive lambda for every scheme (default {d.winner_anchor:g}: plain DPO)",
+    )
     p.add_argument(
         "--eval-prompts", type=int, help=f"evaluation prompts (default {d.eval_prompts})"
     )
@@ -1124,6 +1136,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, Path, int, int]:
         "learning_rate": a.lr,
         "beta": a.beta,
         "lora_rank": a.rank,
+        "winner_anchor": a.winner_anchor,
         "eval_prompts": a.eval_prompts,
         "eval_seeds": a.eval_seeds,
         "eval_split": a.eval_split,

@@ -209,3 +209,16 @@ def test_concurrent_snapshots_of_one_checkpoint_share_one_copy(tmp_path: Path) -
     (dest / "unet" / "weights.bin").write_bytes(b"corrupt")
     again, _ = ab.snapshot_checkpoint(src, out)
     assert again == dest and ab.checkpoint_fingerprint(dest) == fingerprint
+
+
+def test_winner_anchor_flag_reaches_every_scheme_and_is_validated() -> None:
+    s, _, _, _ = ab.parse_args(["--winner-anchor", "2.5", "--schemes", "dde,uniform"])
+    assert s.winner_anchor == 2.5
+    assert [ab.train_config(s, scheme, 0).winner_anchor for scheme in s.schemes] == [2.5, 2.5]
+    assert ab.train_config(ab.BenchSettings(), "dde", 0).winner_anchor == 0.0
+    # the anchor is part of every run's cache key: anchored runs never reuse plain ones
+    assert ab.run_key(s, "dde", 0, {}, {}) != ab.run_key(
+        s.replace(winner_anchor=0.0), "dde", 0, {}, {}
+    )
+    with pytest.raises(ValueError, match="winner_anchor"):
+        ab.BenchSettings(winner_anchor=-1.0)
