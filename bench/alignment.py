@@ -79,9 +79,19 @@ class BenchSettings:
         lr_warmup_steps: linear warm-up.
         beta: β, in Diffusion-DPO's reference convention (loss = -log σ(-0.5 β ...)).
         lora_rank: LoRA rank (alpha = rank).
+        rounds: online rounds, the product's loop. The ``steps`` are split evenly over the
+            rounds; round 1 trains on the base model's pairs (``pairs`` of them), and before each
+            later round the LoRA trained so far is fused into the weights, ``pairs`` fresh pairs
+            are sampled from that *current* model and labelled by the judge, and a fresh LoRA is
+            trained on top of it with it as the reference (exactly what a production round does
+            on its parent version). 1: offline, one set of pairs from the base. Online runs use
+            ``rounds`` times the labels of an offline one.
         winner_anchor: DPO-Positive's λ (``TrainConfig.winner_anchor``), the same for every
             scheme; 0 is plain Diffusion-DPO / DDE.
         pairs: decisive (non-tie) preference pairs to train on.
+        candidates: images sampled per pair prompt; the pair is the judge's best and worst of
+            them (2: an ordinary pair, the default). More candidates give pairs with a wider
+            judge gap from the same base model ("best vs worst of N", as in on-policy RLHF data).
         label_noise: probability that a decisive judge vote is flipped.
         eval_prompts: held-out prompts to evaluate on.
         eval_seeds: sampling seeds per evaluation prompt (units = prompts x seeds).
@@ -110,8 +120,10 @@ class BenchSettings:
     lr_warmup_steps: int = 0
     beta: float = 20000.0
     lora_rank: int = 8
+    rounds: int = 1
     winner_anchor: float = 0.0
     pairs: int = 512
+    candidates: int = 2
     label_noise: float = 0.1
     eval_prompts: int = 128
     eval_seeds: int = 2
@@ -136,6 +148,7 @@ class BenchSettings:
             "steps",
             "batch_size",
             "lora_rank",
+            "rounds",
             "pairs",
             "eval_prompts",
             "eval_seeds",
@@ -146,6 +159,10 @@ class BenchSettings:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rounds > self.steps:
+            raise ValueError(f"rounds ({self.rounds}) must not exceed steps ({self.steps})")
+        if self.candidates < 2:
+            raise ValueError(f"candidates must be >= 2, got {self.candidates}")
         if not 0.0 <= self.label_noise < 0.5:
             raise ValueError(f"label_noise must be in [0, 0.5), got {self.label_noise}")
         if self.eval_split not in ("test", "validation"):
@@ -259,6 +276,10 @@ def curve_steps(steps: int, points: int) -> list[int]:
 
 
 # ============================================================================ helpers
+def _mute(message: str) -> None:
+    """A log that drops its message."""
+
+
 def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -430,6 +451,7 @@ def data_key(settings: BenchSettings, fingerprint: str) -> dict[str, Any]:
         "v": CACHE_VERSION,
         "checkpoint": fingerprint,
         "pairs": settings.pairs,
+        **({"candidates": settings.candidates} if settings.candidates != 2 else {}),
         "label_noise": settings.label_noise,
         "data_seed": settings.data_seed,
         "split_seed": settings.split_seed,
@@ -439,31 +461,27 @@ def data_key(settings: BenchSettings, fingerprint: str) -> dict[str, Any]:
     }
 
 
-def build_pairs(
-    settings: BenchSettings, backbone: Any, fingerprint: str, out: Path, log: Callable[[str], None]
+def sample_pairs(
+    settings: BenchSettings,
+    backbone: Any,
+    stream: Sequence[int],
+    seed_base: int,
+    log: Callable[[str], None],
 ) -> PairData:
-    """Sample and label the pairs, or load them from the cache under ``out``."""
+    """Samples ``settings.pairs`` decisive pairs from ``backbone`` and labels them by the judge.
+
+    Prompts come from the pair pool in an order drawn from ``stream`` (a seed sequence), the
+    label noise from another stream of it; candidate ``c`` of the ``j``-th prompt drawn is sampled
+    with seed ``seed_base + candidates * j + c``. Each pair is the judge's best and worst of its
+    ``candidates`` samples, then voted on by :func:`worker.shapes.judge.prefer` with the label
+    noise; judge ties are dropped.
+    """
     from worker.shapes.judge import prefer
 
-    key = data_key(settings, fingerprint)
-    path = out / f"pairs-{_hash(key)}.npz"
-    if path.is_file():
-        z = np.load(path, allow_pickle=False)
-        meta = json.loads(str(z["meta"]))
-        log(f"data: {len(z['prompts'])} pairs from the cache {path.name}")
-        return PairData(
-            [str(p) for p in z["prompts"]],
-            z["winners"],
-            z["losers"],
-            z["winner_scores"],
-            z["loser_scores"],
-            z["flipped"].astype(bool),
-            meta["stats"],
-        )
     started = time.perf_counter()
     pool, _, _ = prompt_sets(settings)
-    order = np.random.default_rng([settings.data_seed, 1]).permutation(len(pool))
-    label_rng = np.random.default_rng([settings.data_seed, 2])
+    order = np.random.default_rng([*stream, 1]).permutation(len(pool))
+    label_rng = np.random.default_rng([*stream, 2])
     prompts: list[str] = []
     winners: list[np.ndarray] = []
     losers: list[np.ndarray] = []
@@ -477,26 +495,31 @@ def build_pairs(
         need = settings.pairs - len(prompts)
         n = min(max_candidates - candidates, max(8, int(need * 1.15) + 2))
         chunk = [pool[order[(cursor + i) % len(pool)]] for i in range(n)]
-        seeds_a = [2 * (cursor + i) for i in range(n)]
-        seeds_b = [2 * (cursor + i) + 1 for i in range(n)]
-        imgs, scores = sample_and_judge(backbone, chunk + chunk, seeds_a + seeds_b, settings)
-        a_img, b_img = imgs[:n], imgs[n:]
-        a_sc, b_sc = scores[:n], scores[n:]
+        k = settings.candidates  # candidate c of prompt i: seed k * (cursor + i) + c
+        seeds = [seed_base + k * (cursor + i) + c for c in range(k) for i in range(n)]
+        imgs, scores = sample_and_judge(backbone, chunk * k, seeds, settings)
+        imgs, scores = imgs.reshape(k, n, *imgs.shape[1:]), scores.reshape(k, n)
         for i, p in enumerate(chunk):
             candidates += 1
             if len(prompts) >= settings.pairs:
                 break
-            vote = prefer(a_img[i], b_img[i], p, noise=settings.label_noise, rng=label_rng)
+            # best vs worst of the k candidates (with k = 2: the two samples, in seed order)
+            hi = int(np.argmax(scores[:, i]))
+            lo = int(np.argmin(scores[:, i])) if k > 2 else 1 - hi
+            first, second = min(hi, lo), max(hi, lo)
+            a_img, b_img = imgs[first, i], imgs[second, i]
+            a_sc, b_sc = scores[first, i], scores[second, i]
+            vote = prefer(a_img, b_img, p, noise=settings.label_noise, rng=label_rng)
             if vote == "tie":
                 ties += 1
                 continue
             a_wins = vote == "a"
-            truth_a = a_sc[i] > b_sc[i]
+            truth_a = a_sc > b_sc
             prompts.append(p)
-            winners.append(a_img[i] if a_wins else b_img[i])
-            losers.append(b_img[i] if a_wins else a_img[i])
-            ws.append(float(a_sc[i] if a_wins else b_sc[i]))
-            ls.append(float(b_sc[i] if a_wins else a_sc[i]))
+            winners.append(a_img if a_wins else b_img)
+            losers.append(b_img if a_wins else a_img)
+            ws.append(float(a_sc if a_wins else b_sc))
+            ls.append(float(b_sc if a_wins else a_sc))
             flips.append(bool(a_wins != truth_a))
         cursor += n
     if not prompts:
@@ -514,26 +537,49 @@ def build_pairs(
     }
     if len(prompts) < settings.pairs:
         log(f"data: only {len(prompts)} decisive pairs after {candidates} candidates")
+    return PairData(
+        prompts, np.stack(winners), np.stack(losers), w_sc, l_sc, np.array(flips), stats
+    )
+
+
+def build_pairs(
+    settings: BenchSettings, backbone: Any, fingerprint: str, out: Path, log: Callable[[str], None]
+) -> PairData:
+    """The base model's pairs (:func:`sample_pairs`), or the same from the cache under ``out``."""
+    key = data_key(settings, fingerprint)
+    path = out / f"pairs-{_hash(key)}.npz"
+    if path.is_file():
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        log(f"data: {len(z['prompts'])} pairs from the cache {path.name}")
+        return PairData(
+            [str(p) for p in z["prompts"]],
+            z["winners"],
+            z["losers"],
+            z["winner_scores"],
+            z["loser_scores"],
+            z["flipped"].astype(bool),
+            meta["stats"],
+        )
+    data = sample_pairs(settings, backbone, [settings.data_seed], 0, log)
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(
         tmp,
-        prompts=np.array(prompts),
-        winners=np.stack(winners),
-        losers=np.stack(losers),
-        winner_scores=w_sc,
-        loser_scores=l_sc,
-        flipped=np.array(flips),
-        meta=np.array(json.dumps({"key": key, "stats": stats})),
+        prompts=np.array(data.prompts),
+        winners=data.winners,
+        losers=data.losers,
+        winner_scores=data.winner_scores,
+        loser_scores=data.loser_scores,
+        flipped=data.flipped,
+        meta=np.array(json.dumps({"key": key, "stats": data.stats})),
     )
     os.replace(tmp, path)
     log(
-        f"data: {len(prompts)} pairs ({ties} ties dropped, {stats['flipped']} labels flipped) "
-        f"in {stats['seconds']:.0f} s -> {path.name}"
+        f"data: {data.stats['pairs']} pairs ({data.stats['ties_dropped']} ties dropped, "
+        f"{data.stats['flipped']} labels flipped) in {data.stats['seconds']:.0f} s -> {path.name}"
     )
-    return PairData(
-        prompts, np.stack(winners), np.stack(losers), w_sc, l_sc, np.array(flips), stats
-    )
+    return data
 
 
 def eval_key(settings: BenchSettings, fingerprint: str) -> dict[str, Any]:
@@ -599,7 +645,13 @@ def run_key(
         "data": dkey,
         "eval": ekey,
         "curve": [settings.curve_points, settings.curve_units],
+        **({"rounds": settings.rounds} if settings.rounds != 1 else {}),
     }
+
+
+def round_steps(steps: int, rounds: int) -> list[int]:
+    """``steps`` split over ``rounds`` as evenly as possible, the longer rounds first."""
+    return [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
 
 
 def train_and_evaluate(
@@ -628,25 +680,44 @@ def train_and_evaluate(
             eval_seconds += time.perf_counter() - t0
 
     started = time.perf_counter()
-    result = train(
-        backbone,
-        pairs,
-        train_config(settings, scheme, seed),
-        output_dir=workdir,
-        progress=progress,
-        resume=False,
-        progress_bar=False,
-    )
+    config = train_config(settings, scheme, seed)
+    hist: list[Any] = []
+    round_data: list[dict[str, Any]] = []
+    done = 0  # steps of the earlier rounds
+    for r, n_steps in enumerate(round_steps(settings.steps, settings.rounds)):
+        if r > 0:  # online: the current model makes the next round's pairs
+            from worker.alignment.adapters import fuse_adapter
+
+            fuse_adapter(backbone.unet)
+            data = sample_pairs(settings, backbone, [settings.data_seed, seed, r], 10**7 * r, _mute)
+            pairs = data.to_pairs()
+            round_data.append({"round": r + 1, **data.stats})
+        offset = done
+        result = train(
+            backbone,
+            pairs,
+            config.replace(steps=n_steps, seed=seed + 1000 * r),
+            output_dir=workdir / f"round-{r + 1}" if settings.rounds > 1 else workdir,
+            progress=lambda m, offset=offset: progress(
+                dataclasses.replace(m, step=m.step + offset)
+            ),
+            resume=False,
+            progress_bar=False,
+        )
+        hist += result.history
+        done += n_steps
     total = time.perf_counter() - started
-    hist = result.history
+    sample_seconds = sum(d["seconds"] for d in round_data)
     tail = hist[-max(1, len(hist) // 5) :]
     return {
         "scheme": scheme,
         "seed": seed,
         "curve": {str(k): v for k, v in sorted(curve.items())},
-        "train_seconds": round(total - eval_seconds, 2),
+        "train_seconds": round(total - eval_seconds - sample_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
+        "sample_seconds": round(sample_seconds, 2),
         "implicit_acc_end": float(np.mean([m.implicit_acc for m in tail])),
+        "round_data": round_data,
         "loss_end": float(np.mean([m.loss for m in tail])),
         "history": {
             "loss": [round(m.loss, 5) for m in hist],
@@ -998,8 +1069,12 @@ def run_benchmark(
     n_units = len(units[0])
     split = "held-out" if settings.eval_split == "test" else "VALIDATION"
     title = (
-        f"builtin:shapes, {data.stats['pairs']} pairs ({settings.label_noise:.0%} label noise), "
-        f"{settings.steps} steps x {settings.batch_size}, {settings.seeds} seed(s), "
+        f"builtin:shapes, {data.stats['pairs']} pairs"
+        + (f" (best vs worst of {settings.candidates})" if settings.candidates > 2 else "")
+        + f" ({settings.label_noise:.0%} label noise), "
+        f"{settings.steps} steps x {settings.batch_size}"
+        + (f" in {settings.rounds} online rounds" if settings.rounds > 1 else "")
+        + f", {settings.seeds} seed(s), "
         f"{n_units} {split} units"
     )
     curve_png = out / "alignment_curve.png"
@@ -1072,6 +1147,11 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, Path, int, int]:
     p.add_argument("--steps", type=int, help=f"optimizer steps per run (default {d.steps})")
     p.add_argument("--pairs", type=int, help=f"decisive preference pairs (default {d.pairs})")
     p.add_argument(
+        "--candidates",
+        type=int,
+        help=f"images per pair prompt; a pair is the judge's best vs worst (default {d.candidates})",
+    )
+    p.add_argument(
         "--label-noise", type=float, help=f"label flip probability (default {d.label_noise})"
     )
     p.add_argument("--schemes", type=str, help=f"comma-separated (default {','.join(d.schemes)})")
@@ -1081,6 +1161,12 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, Path, int, int]:
         "--beta", type=float, help=f"beta, Diffusion-DPO reference convention (default {d.beta:g})"
     )
     p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.lora_rank})")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help=f"online rounds: re-sample pairs from the current model between rounds "
+        f"(default {d.rounds}: offline)",
+    )
     p.add_argument(
         "--winner-anchor",
         type=float,
@@ -1131,11 +1217,13 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, Path, int, int]:
         "seeds": a.seeds,
         "steps": a.steps,
         "pairs": a.pairs,
+        "candidates": a.candidates,
         "label_noise": a.label_noise,
         "batch_size": a.batch_size,
         "learning_rate": a.lr,
         "beta": a.beta,
         "lora_rank": a.rank,
+        "rounds": a.rounds,
         "winner_anchor": a.winner_anchor,
         "eval_prompts": a.eval_prompts,
         "eval_seeds": a.eval_seeds,

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from backend.models import ModelVersion
 from worker.alignment.adapters import (
     file_sha256,
+    fuse_adapter,
     load_adapter,
     load_full_weights,
     read_adapter_file,
@@ -172,8 +173,7 @@ def apply_adapter(backbone: Backbone, path: Path) -> None:
         raise AdapterIntegrityError(f"unknown adapter format {fmt!r} in {path}")
     unet = backbone.unet
     load_adapter(unet, path, adapter_name="default")
-    unet.fuse_lora()  # type: ignore[operator]
-    unet.unload_lora()  # type: ignore[operator]
+    fuse_adapter(unet)
 
 
 def load_lineage(chain: list[VersionLink], *, device: torch.device | str | None = None) -> Backbone:

@@ -15,6 +15,8 @@ from worker.alignment.adapters import (
     adapters_disabled,
     add_lora,
     file_sha256,
+    fuse_adapter,
+    has_adapter,
     load_adapter,
     load_full_weights,
     prepare_full_finetune,
@@ -143,6 +145,29 @@ def test_adapters_disabled_is_the_base_model_and_reenables_on_error(tiny_sd_path
                 raise RuntimeError("boom")
         # re-enabled after the exception
         torch.testing.assert_close(bb.predict_noise(x, t, cond), adapted, rtol=0, atol=0)
+
+
+def test_fuse_adapter_keeps_the_adapted_function_and_removes_the_adapter(tiny_pixel):
+    # An online round fuses the LoRA trained so far, then trains a fresh one on top: the fused
+    # model must compute what the adapted one did, with no adapter layers left.
+    add_lora(tiny_pixel, rank=4)
+    _perturb_adapter(tiny_pixel.unet)
+    x, t, cond = _inputs(tiny_pixel)
+    with torch.no_grad():
+        with adapters_disabled(tiny_pixel.unet):
+            base_out = tiny_pixel.predict_noise(x, t, cond)
+        adapted = tiny_pixel.predict_noise(x, t, cond)
+        assert (adapted - base_out).abs().max() > 1e-3  # the adapter does change the output
+        fuse_adapter(tiny_pixel.unet)
+        assert not has_adapter(tiny_pixel.unet)
+        assert not any(".lora_" in name for name, _ in tiny_pixel.unet.named_parameters())
+        torch.testing.assert_close(
+            tiny_pixel.predict_noise(x, t, cond), adapted, rtol=1e-4, atol=1e-5
+        )
+    with pytest.raises(ValueError, match="no adapter to fuse"):
+        fuse_adapter(tiny_pixel.unet)
+    add_lora(tiny_pixel, rank=2)  # a fresh adapter goes on top of the fused weights
+    assert has_adapter(tiny_pixel.unet)
 
 
 # ------------------------------------------------------------------------------- adapter files

@@ -125,6 +125,66 @@ def test_settings_validate() -> None:
     assert (threads, workers) == (1, 1)
 
 
+def test_round_steps_split_evenly_longer_rounds_first() -> None:
+    assert ab.round_steps(10, 3) == [4, 3, 3]
+    assert ab.round_steps(100, 1) == [100]
+    assert ab.round_steps(5, 5) == [1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="rounds"):
+        ab.BenchSettings(steps=3, rounds=4)
+    with pytest.raises(ValueError, match="candidates"):
+        ab.BenchSettings(candidates=1)
+    s, _, _, _ = ab.parse_args(["--rounds", "4", "--candidates", "3"])
+    assert (s.rounds, s.candidates) == (4, 3)
+    # both are in the cache keys: a best-of-3 or online run never reuses a plain one
+    assert ab.data_key(s, "f") != ab.data_key(s.replace(candidates=2), "f")
+    assert ab.run_key(s, "dde", 0, {}, {}) != ab.run_key(s.replace(rounds=1), "dde", 0, {}, {})
+
+
+def test_sample_pairs_takes_the_best_and_worst_of_the_candidates(monkeypatch) -> None:
+    # Candidate c of the j-th prompt drawn has a known score; the images carry it in their
+    # pixels so that the (patched) annotator votes by it. With no label noise each pair must be
+    # (the best candidate, the worst one) of its prompt, with their scores.
+    from worker.shapes import judge
+
+    k, n = 4, 6
+    table = np.random.default_rng(0).permutation(k * n).reshape(n, k) / (k * n)  # distinct
+    calls: list[list[int]] = []
+
+    def fake_sample_and_judge(backbone, prompts, seeds, settings):
+        calls.append(list(seeds))
+        idx = [(s - 500) // k for s in seeds], [(s - 500) % k for s in seeds]
+        scores = np.array([table[j % n, c] for j, c in zip(*idx, strict=True)])
+        images = np.repeat((scores * 250).astype(np.uint8)[:, None, None, None], 3, axis=3)
+        return images, scores
+
+    def fake_prefer(a, b, prompt, *, noise, rng):
+        return "tie" if a.mean() == b.mean() else ("a" if a.mean() > b.mean() else "b")
+
+    monkeypatch.setattr(ab, "sample_and_judge", fake_sample_and_judge)
+    monkeypatch.setattr(judge, "prefer", fake_prefer)
+    settings = ab.BenchSettings(pairs=n, candidates=k, label_noise=0.0)
+    data = ab.sample_pairs(settings, None, [3], 500, lambda m: None)
+
+    assert len(data.prompts) == n and data.stats["ties_dropped"] == 0
+    assert not data.flipped.any()
+    # every candidate of the j-th prompt was sampled with seed 500 + k j + c
+    assert sorted(calls[0]) == [
+        500 + k * j + c for j in range(len(calls[0]) // k) for c in range(k)
+    ]
+    np.testing.assert_allclose(data.winner_scores, table.max(axis=1))
+    np.testing.assert_allclose(data.loser_scores, table.min(axis=1))
+    np.testing.assert_array_equal(
+        data.winners[:, 0, 0, 0], (table.max(axis=1) * 250).astype(np.uint8)
+    )
+    np.testing.assert_array_equal(
+        data.losers[:, 0, 0, 0], (table.min(axis=1) * 250).astype(np.uint8)
+    )
+    # the same stream gives the same prompts; another stream draws them in another order
+    again = ab.sample_pairs(settings, None, [3], 500, lambda m: None)
+    other = ab.sample_pairs(settings, None, [4], 500, lambda m: None)
+    assert again.prompts == data.prompts and other.prompts != data.prompts
+
+
 # ------------------------------------------------------------------------------- smoke run
 TINY = dict(
     seeds=1,
@@ -178,6 +238,30 @@ def test_tiny_benchmark_run(tmp_path: Path) -> None:
     # a rerun reads the pairs, the base evaluation and the runs from the cache
     again = ab.run_benchmark(settings, out, log=lambda s: None)
     assert again["table"] == result["table"]
+
+
+@pytest.mark.slow
+def test_tiny_online_run_resamples_pairs_from_the_current_model(tmp_path: Path) -> None:
+    from worker.shapes.model import DEFAULT_CHECKPOINT, build_builtin, save_builtin
+
+    checkpoint = DEFAULT_CHECKPOINT
+    if not (checkpoint / "model_index.json").is_file():
+        checkpoint = save_builtin(build_builtin(), tmp_path / "ckpt")
+    tiny = {**TINY, "steps": 4, "curve_points": 4}
+    settings = ab.BenchSettings(
+        checkpoint=str(checkpoint), schemes=("uniform",), rounds=2, candidates=3, **tiny
+    )
+    result = ab.run_benchmark(settings, tmp_path / "out", log=lambda s: None)
+    (run_file,) = (tmp_path / "out" / "runs").glob("uniform-seed0-*.json")
+    run = json.loads(run_file.read_text())
+    # round 2 sampled its own pairs (from the model after round 1), best vs worst of 3
+    assert [d["round"] for d in run["round_data"]] == [2]
+    assert run["round_data"][0]["pairs"] <= settings.pairs
+    assert run["round_data"][0]["candidates"] >= run["round_data"][0]["pairs"]
+    # the curve runs over the global step count, across the round boundary
+    assert sorted(int(k) for k in run["curve"]) == [1, 2, 3, 4]
+    assert len(run["history"]["loss"]) == 4
+    assert "in 2 online rounds" in ab.report(result) and "best vs worst of 3" in ab.report(result)
 
 
 def test_concurrent_snapshots_of_one_checkpoint_share_one_copy(tmp_path: Path) -> None:

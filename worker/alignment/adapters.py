@@ -44,6 +44,7 @@ __all__ = [
     "add_lora",
     "atomic_save_safetensors",
     "file_sha256",
+    "fuse_adapter",
     "has_adapter",
     "load_adapter",
     "load_full_weights",
@@ -257,6 +258,20 @@ def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, was_disabled in zip(layers, previous, strict=True):
             layer.enable_adapters(not was_disabled)
+
+
+def fuse_adapter(unet: nn.Module) -> None:
+    """Fuses the UNet's LoRA adapter into its base weights and removes the adapter layers.
+
+    Afterwards the UNet is a plain model computing what the adapted one did (up to float
+    rounding), with no adapter: the next round's LoRA trains on top of it, with it as the
+    reference. Raises ``ValueError`` when there is no adapter to fuse.
+    """
+    unet = unwrap_model(unet)
+    if not has_adapter(unet):
+        raise ValueError("the UNet has no adapter to fuse")
+    unet.fuse_lora()  # type: ignore[operator]
+    unet.unload_lora()  # type: ignore[operator]
 
 
 def adapter_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
