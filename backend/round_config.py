@@ -56,6 +56,14 @@ class RoundConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO.")
     include_ties: bool = Field(False, description="Train on ties (label 0.5) instead of dropping.")
     min_pairs: int = Field(1, ge=1, le=10_000_000, description="Fail fast below this many pairs.")
+    max_epochs: float | None = Field(
+        2.0,
+        gt=0,
+        le=1e6,
+        description="Train at most this many passes over the round's pairs: a round with few "
+        "pairs trains fewer than `steps` steps (at least 1). Many passes over few pairs damage "
+        "the model (docs/alignment-benchmark.md). null: always train `steps`.",
+    )
     eval_every: int = Field(50, ge=1, le=1_000_000)
     checkpoint_every: int = Field(100, ge=1, le=1_000_000)
     loss_spike_factor: float = Field(
@@ -91,6 +99,23 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "builtin": {"learning_rate": 1e-3, "beta": 2000.0, "lora_rank": 8, "batch_size": 8},
     "diffusers": {"learning_rate": 1e-5, "beta": 5000.0, "lora_rank": 8},
 }
+
+
+def epoch_capped_steps(
+    steps: int, pairs: int, batch_size: int, grad_accum: int, max_epochs: float | None
+) -> int:
+    """The optimizer steps a round trains: ``steps``, or fewer when that many would pass over
+    the ``pairs`` more than ``max_epochs`` times (each step consumes ``batch_size * grad_accum``
+    pairs); never fewer than 1. ``max_epochs=None`` disables the cap."""
+    if steps < 1 or batch_size < 1 or grad_accum < 1 or pairs < 0:
+        raise ValueError("steps, batch_size and grad_accum must be >= 1 and pairs >= 0")
+    if max_epochs is None:
+        return steps
+    if max_epochs <= 0:
+        raise ValueError(f"max_epochs must be > 0, got {max_epochs}")
+    # a tiny tolerance so that 2.0 epochs of 16 pairs at batch 8 is 4 steps, not 3.9999 -> 3
+    affordable = int(max_epochs * pairs / (batch_size * grad_accum) + 1e-9)
+    return max(1, min(steps, affordable))
 
 
 def model_family(base_model: str | None) -> str | None:

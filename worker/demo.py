@@ -258,6 +258,8 @@ def follow_round(api: Api, round_id: int, children: Children) -> dict[str, Any]:
         while True:
             children.check_alive()
             rnd = api.call("GET", f"/rounds/{round_id}")
+            if rnd["total_steps"] != bar.total:  # capped by max_epochs once the pairs are known
+                bar.total = max(1, rnd["total_steps"])
             bar.n = rnd["step"]
             loss = rnd["metrics"].get("loss")
             bar.set_postfix(status=rnd["status"], loss=f"{loss:.4f}" if loss is not None else "-")
@@ -444,7 +446,11 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
             rows = [
                 ("votes collected", str(votes.get("votes", 0))),
                 ("training pairs", str(m.get("pairs"))),
-                ("steps", str(m.get("steps"))),
+                (
+                    "steps",
+                    f"{m.get('steps')} of {m.get('steps_requested')} requested "
+                    f"({m.get('epochs')} epochs; max_epochs caps a round on few pairs)",
+                ),
                 ("final loss", _fmt(m.get("loss"))),
                 ("implicit accuracy", _fmt(m.get("implicit_acc"), 3)),
                 ("train seconds", _fmt(m.get("train_seconds"), 1)),

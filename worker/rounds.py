@@ -85,7 +85,7 @@ from backend.models import (
     VersionStatus,
     Vote,
 )
-from backend.round_config import RoundConfig, resolve_config
+from backend.round_config import RoundConfig, epoch_capped_steps, resolve_config
 from backend.services import rounds as round_service
 from backend.services import versions as version_service
 from backend.services.common import as_utc, dialect_insert
@@ -702,6 +702,19 @@ def _execute(
             f"only {trainable} training pairs in the snapshot (votes <= "
             f"{claim.snapshot_max_vote_id}); the config asks for at least {rc.min_pairs}"
         )
+    steps = epoch_capped_steps(rc.steps, trainable, rc.batch_size, rc.grad_accum, rc.max_epochs)
+    if steps < rc.steps:
+        log.info(
+            "round %s: %s pairs allow %s steps of %s at max_epochs=%s",
+            claim.round_id,
+            trainable,
+            steps,
+            rc.steps,
+            rc.max_epochs,
+        )
+        cfg = cfg.replace(steps=steps, lr_warmup_steps=min(cfg.lr_warmup_steps, steps))
+        if not _set(session_factory, claim, (RoundStatus.running,), total_steps=steps):
+            raise _NotOwner("the round was cancelled or taken over before training")
     backbone = model_registry.load_chain(chain, fresh=True)
 
     base_metrics = {
@@ -709,6 +722,8 @@ def _execute(
         "votes": snapshot.votes,
         "parent_version_id": parent_id,
         "attempt": claim.attempt,
+        "steps_requested": rc.steps,
+        "epochs": round(steps * rc.batch_size * rc.grad_accum / max(1, trainable), 3),
     }
     writer = _ProgressWriter(session_factory, claim, cfg.steps, base_metrics)
     should_stop = _StopCheck(session_factory, claim, heartbeat)

@@ -9,6 +9,7 @@ from backend.round_config import (
     FAMILY_DEFAULTS,
     RoundConfig,
     defaults_for,
+    epoch_capped_steps,
     model_family,
     resolve_config,
 )
@@ -53,3 +54,33 @@ def test_family_defaults_are_valid_and_overrides_are_still_validated():
     with pytest.raises(ValidationError, match="max_median_loss"):
         resolve_config({"max_median_loss": 0.5}, "builtin:shapes")  # below ln 2
     assert resolve_config({"max_median_loss": None}, "builtin:shapes").max_median_loss is None
+
+
+@pytest.mark.parametrize(
+    ("steps", "pairs", "batch", "accum", "max_epochs", "expected"),
+    [
+        (100, 127, 8, 1, 2.0, 31),  # 2 x 127 / 8 = 31.75 -> 31 (the demo's round)
+        (100, 16, 8, 1, 2.0, 4),  # exactly 2 epochs: 32 / 8 = 4, not 3 by float rounding
+        (100, 127, 8, 2, 2.0, 15),  # 16 pairs per step: 254 / 16 = 15.9 -> 15
+        (100, 10_000, 8, 1, 2.0, 100),  # enough pairs: the requested steps
+        (100, 3, 8, 1, 2.0, 1),  # fewer pairs than a batch: still one step
+        (100, 0, 8, 1, 2.0, 1),
+        (100, 127, 8, 1, None, 100),  # no cap
+        (7, 1_000, 4, 1, 0.5, 7),
+        (100, 1_000, 4, 1, 0.1, 25),  # 0.1 x 1000 / 4
+    ],
+)
+def test_epoch_capped_steps_hand_computed(steps, pairs, batch, accum, max_epochs, expected):
+    assert epoch_capped_steps(steps, pairs, batch, accum, max_epochs) == expected
+
+
+def test_epoch_cap_is_validated_and_on_by_default():
+    assert RoundConfig().max_epochs == 2.0
+    assert RoundConfig(max_epochs=None).max_epochs is None
+    for bad in (0, -1.0, "many"):
+        with pytest.raises(ValidationError, match="max_epochs"):
+            RoundConfig(max_epochs=bad)
+    with pytest.raises(ValueError, match="max_epochs"):
+        epoch_capped_steps(10, 10, 2, 1, 0.0)
+    with pytest.raises(ValueError):
+        epoch_capped_steps(0, 10, 2, 1, 1.0)

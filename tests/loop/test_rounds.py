@@ -225,6 +225,26 @@ def test_diverging_round_fails_with_the_reason_and_no_version(voted_env: Any, lo
     assert _row_state(db, round_id) == before
 
 
+def test_a_round_on_few_pairs_trains_at_most_max_epochs(voted_env: Any, loop: Any) -> None:
+    settings, db, _ = voted_env()
+    round_id = loop.create_round(db, steps=200, batch_size=2, max_epochs=0.5)
+    assert _round(db, round_id).total_steps == 200
+    rounds.run_round(round_id, db.write_session, settings, task_id="task-1")
+    rnd = _round(db, round_id)
+    assert RoundStatus(rnd.status) == RoundStatus.succeeded, rnd.error
+    pairs = rnd.metrics["pairs"]
+    expected = max(1, pairs // 4)  # half a pass over the pairs at 2 pairs per step
+    assert expected < 200
+    assert rnd.total_steps == rnd.step == rnd.metrics["steps"] == expected
+    assert rnd.metrics["steps_requested"] == 200
+    assert rnd.metrics["epochs"] == pytest.approx(expected * 2 / pairs, abs=1e-3)
+    with db.read_session() as s:
+        n_rows = s.scalar(
+            select(func.count()).select_from(RoundMetric).where(RoundMetric.round_id == round_id)
+        )
+    assert n_rows == expected
+
+
 def test_too_few_pairs_fails_clearly(voted_env: Any, loop: Any) -> None:
     settings, db, _ = voted_env()
     round_id = loop.create_round(db, min_pairs=10_000)
