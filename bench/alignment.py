@@ -730,6 +730,32 @@ def train_and_evaluate(
     }
 
 
+def lock_is_stale(lock: Path, grace_seconds: float = 60.0) -> bool:
+    """Whether a run's lock file was left by a process that is gone.
+
+    A lock holds the PID of the process training that run. It is stale when that process no
+    longer exists; an empty or unreadable lock (its writer died between creating and writing
+    it) is stale once older than ``grace_seconds``. A live process's lock is never stale, so a
+    second benchmark started on the same ``--out`` does not take the first one's runs.
+    """
+    try:
+        text = lock.read_text().strip()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if not text.isdigit():
+        return age > grace_seconds
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 def _work(
     settings: BenchSettings,
     jobs: list[tuple[int, str]],
@@ -752,8 +778,11 @@ def _work(
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            continue  # another process of this benchmark is on it
-        os.close(fd)
+            continue  # another process (of this benchmark, or of one beside it) is on it
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
         try:
             t0 = time.perf_counter()
             r = train_and_evaluate(
@@ -1034,8 +1063,9 @@ def run_benchmark(
     dkey, ekey = data_key(settings, fingerprint), eval_key(settings, fingerprint)
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
-    for stale in runs_dir.glob("*.lock"):
-        stale.unlink(missing_ok=True)  # left by an interrupted benchmark
+    for lock in runs_dir.glob("*.lock"):
+        if lock_is_stale(lock):
+            lock.unlink(missing_ok=True)  # left by an interrupted benchmark
     jobs = [(seed, scheme) for seed in range(settings.seeds) for scheme in settings.schemes]
     paths = {
         (seed, scheme): runs_dir
@@ -1051,7 +1081,8 @@ def run_benchmark(
                 break
             if all(h.poll() is not None for h in helpers):
                 for job in missing:
-                    paths[job].with_suffix(".lock").unlink(missing_ok=True)
+                    if lock_is_stale(paths[job].with_suffix(".lock")):
+                        paths[job].with_suffix(".lock").unlink(missing_ok=True)
                 _work(settings, missing, paths, pairs, units, out, log, float(base.mean()))
                 break
             time.sleep(2.0)

@@ -295,6 +295,34 @@ def test_concurrent_snapshots_of_one_checkpoint_share_one_copy(tmp_path: Path) -
     assert again == dest and ab.checkpoint_fingerprint(dest) == fingerprint
 
 
+def test_only_locks_of_dead_processes_are_stale(tmp_path: Path) -> None:
+    # A benchmark clears the run locks an interrupted one left; it must not clear those of a
+    # benchmark running beside it on the same --out (it once did, and both trained one run).
+    import os
+    import subprocess
+    import sys
+
+    live = tmp_path / "live.lock"
+    live.write_text(str(os.getpid()))
+    assert not ab.lock_is_stale(live)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead = tmp_path / "dead.lock"
+    dead.write_text(gone.stdout.strip())
+    assert ab.lock_is_stale(dead)
+    empty = tmp_path / "empty.lock"
+    empty.write_text("")
+    assert not ab.lock_is_stale(empty)  # its writer may be about to write its pid
+    old = os.stat(empty).st_mtime - 120
+    os.utime(empty, (old, old))
+    assert ab.lock_is_stale(empty)
+    assert not ab.lock_is_stale(tmp_path / "missing.lock")
+
+
 def test_winner_anchor_flag_reaches_every_scheme_and_is_validated() -> None:
     s, _, _, _ = ab.parse_args(["--winner-anchor", "2.5", "--schemes", "dde,uniform"])
     assert s.winner_anchor == 2.5
