@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import platform
@@ -227,15 +228,8 @@ def pretrain(
         zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params, strict=True)
     )
     # what is evaluated during training and returned: the EMA weights, updated in place
-    trained = Backbone(
-        kind="pixel",
-        unet=ema_unet,
-        scheduler=scheduler,
-        text_encoder=ema_text,
-        tokenizer=tokenizer,
-        resolution=mcfg.resolution,
-        name=backbone.name,
-        extra=dict(backbone.extra),
+    trained = dataclasses.replace(
+        backbone, unet=ema_unet, text_encoder=ema_text, extra=dict(backbone.extra)
     )
     unet.train()
     text_encoder.train()
