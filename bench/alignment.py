@@ -495,7 +495,7 @@ def sample_pairs(
         need = settings.pairs - len(prompts)
         n = min(max_candidates - candidates, max(8, int(need * 1.15) + 2))
         chunk = [pool[order[(cursor + i) % len(pool)]] for i in range(n)]
-        k = settings.candidates  # candidate c of prompt i: seed k * (cursor + i) + c
+        k = settings.candidates  # candidate c of prompt i: seed seed_base + k (cursor + i) + c
         seeds = [seed_base + k * (cursor + i) + c for c in range(k) for i in range(n)]
         imgs, scores = sample_and_judge(backbone, chunk * k, seeds, settings)
         imgs, scores = imgs.reshape(k, n, *imgs.shape[1:]), scores.reshape(k, n)
@@ -503,9 +503,9 @@ def sample_pairs(
             candidates += 1
             if len(prompts) >= settings.pairs:
                 break
-            # best vs worst of the k candidates (with k = 2: the two samples, in seed order)
-            hi = int(np.argmax(scores[:, i]))
-            lo = int(np.argmin(scores[:, i])) if k > 2 else 1 - hi
+            # best vs worst of the k candidates, in seed order (k = 2: the two samples; equal
+            # scores pick one image twice, which the judge calls a tie, as it would the two)
+            hi, lo = int(np.argmax(scores[:, i])), int(np.argmin(scores[:, i]))
             first, second = min(hi, lo), max(hi, lo)
             a_img, b_img = imgs[first, i], imgs[second, i]
             a_sc, b_sc = scores[first, i], scores[second, i]
