@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "pair_losses",
     "PreferenceLossOutput",
     "beta_from_diffusers_example",
     "beta_to_diffusers_example",
@@ -197,3 +198,61 @@ def preference_loss(
         model_mse=model_mse,
         ref_mse=ref_mse,
     )
+
+
+def pair_losses(
+    model_err: torch.Tensor,
+    ref_err: torch.Tensor,
+    *,
+    beta: float,
+    weights: torch.Tensor | None = None,
+    ties: torch.Tensor | None = None,
+    winner_anchor: float = 0.0,
+) -> tuple[torch.Tensor, PreferenceLossOutput]:
+    """The loss of a micro-batch of B pairs from the per-sample errors on [winners; losers].
+
+    Args:
+        model_err: ``[2B]`` the policy's per-sample MSE, winners first then losers.
+        ref_err: ``[2B]`` the reference's, same order.
+        beta: β (Diffusion-DPO's reference convention).
+        weights: ``[B]`` credit weights, or None.
+        ties: ``[B]`` bool, pairs labelled as ties. A tie's loss is the symmetric
+            ``0.5 (-log σ(z) - log σ(-z))``, which is minimised when the two implicit rewards
+            are equal; decided pairs get ``-log σ(z)``.
+        winner_anchor: DPO-Positive's λ (:func:`preference_loss`); for a tie it anchors each
+            image in its own ordering.
+
+    Returns:
+        ``(loss, output)``: the scalar loss to backpropagate (mean over pairs) and the
+        :class:`PreferenceLossOutput` of the winner-vs-loser ordering (for its diagnostics).
+    """
+    b = model_err.shape[0] // 2
+    if model_err.shape != ref_err.shape or model_err.shape[0] != 2 * b or b < 1:
+        raise ValueError(
+            f"expected [2B] errors, got {tuple(model_err.shape)} and {tuple(ref_err.shape)}"
+        )
+    out = preference_loss(
+        model_err[:b],
+        model_err[b:],
+        ref_err[:b],
+        ref_err[b:],
+        beta=beta,
+        weights=weights,
+        winner_anchor=winner_anchor,
+    )
+    if ties is None or not bool(ties.any()):
+        return out.loss, out
+    swapped = preference_loss(
+        model_err[b:],
+        model_err[:b],
+        ref_err[b:],
+        ref_err[:b],
+        beta=beta,
+        weights=weights,
+        winner_anchor=winner_anchor,
+    )
+    ties = ties.to(device=out.per_sample_loss.device, dtype=torch.bool)
+    per = torch.where(
+        ties, 0.5 * (out.per_sample_loss + swapped.per_sample_loss), out.per_sample_loss
+    )
+    return per.mean(), out

@@ -1,4 +1,4 @@
-"""DDE / Diffusion-DPO preference training of a :class:`Backbone`, on accelerate.
+"""DDE / Diffusion-DPO preference training of a :class:`Backbone`, on accelerate: the loop.
 
 :func:`train` runs one training round on a list of :class:`PreferencePair` and writes the result
 (a LoRA adapter, or the full UNet weights) atomically into ``output_dir``. The same code runs in
@@ -6,11 +6,25 @@ one process or under ``accelerate launch`` on several GPUs: the model, optimizer
 learning-rate schedule go through ``Accelerator.prepare``, gradient accumulation through
 ``Accelerator.accumulate``, mixed precision through ``Accelerator(mixed_precision=...)``.
 
+The run's pieces live beside this file:
+
+- :mod:`~worker.alignment.data`: pairs, images, the seeded data stream, the held-out split;
+- :mod:`~worker.alignment.losses`: the loss (:func:`~worker.alignment.losses.pair_losses`);
+- :mod:`~worker.alignment.holdout`: held-out evaluation at fixed timesteps and noise;
+- :mod:`~worker.alignment.guard`: the loss guards, best-checkpoint selection, early stopping and
+  the drift budget;
+- :mod:`~worker.alignment.checkpoints`: resumable, atomic checkpoints.
+
 Per pair (docs/dde.md): one timestep k (from :class:`~worker.alignment.credit.TimestepSampler`)
 and one noise ε shared by the winner and the loser; the policy runs on the batch [winners;
 losers]; the reference runs on the same inputs under ``no_grad`` (LoRA: the same UNet with its
 adapters disabled; full fine-tune: a frozen copy); the loss is
 :func:`~worker.alignment.losses.preference_loss` on the per-sample MSEs.
+
+Held-out pairs (``heldout=``, evaluated every ``eval_every`` steps and before the first): the
+run keeps the weights of its best held-out evaluation within the drift budget, stops early when
+the held-out loss stops improving (``early_stopping_patience``) or the drift passes
+``drift_budget``, and writes *those* weights as its result (``TrainResult.best_step``).
 
 Reproducibility: every random draw of a pair (its timestep, ε, and the VAE's latent sample)
 comes from a generator seeded by (seed, the pair's position in the data stream), and the data
@@ -18,8 +32,8 @@ order of each epoch from (seed, epoch). So a run is a function of (seed, data, c
 give the same adapter, a run resumed from a checkpoint ends where the unbroken run ends, and
 ``batch_size=2, grad_accum=1`` equals ``batch_size=1, grad_accum=2`` up to float rounding.
 
-Safety: a non-finite loss or gradient, or a loss above ``loss_spike_factor`` x the running median
-for ``max_consecutive_spikes`` steps in a row, stops the run with :class:`TrainingDiverged`;
+Safety: a non-finite loss or gradient, a sustained loss spike, or a run bad from the start
+(:class:`~worker.alignment.guard.LossSpikeGuard`) stops the run with :class:`TrainingDiverged`;
 ``should_stop()`` stops it with :class:`TrainingCancelled`. Neither writes the final adapter, and
 the final adapter of a previous attempt is removed when a run starts, so a file at
 ``TrainResult.adapter_path`` always comes from a run that finished.
@@ -32,50 +46,64 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
-import re
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from worker.alignment.adapters import (
     adapters_disabled,
     add_lora,
-    atomic_save_safetensors,
     file_sha256,
     has_adapter,
     prepare_full_finetune,
-    read_adapter_file,
     save_adapter,
     save_full_weights,
     unwrap_model,
 )
 from worker.alignment.backbone import Backbone, Conditioning
+from worker.alignment.checkpoints import (
+    CHECKPOINT_DIRNAME,
+    RunState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from worker.alignment.config import TrainConfig
 from worker.alignment.credit import CreditParams, TimestepSampler
+from worker.alignment.data import (
+    SEED_TAG_LOADER,
+    SEED_TAG_PAIR,
+    PairDataset,
+    PreferencePair,
+    SeededEpochSampler,
+    collate,
+    data_fingerprint,
+    derive_seed,
+    image_to_tensor,
+)
+from worker.alignment.guard import EvalTracker, LossSpikeGuard
+from worker.alignment.holdout import HeldOutSet
 from worker.alignment.losses import (
     PreferenceLossOutput,
     epsilon_error_scale,
+    pair_losses,
     per_sample_mse,
-    preference_loss,
 )
+from worker.alignment.metrics import EvalMetrics, StepMetrics
 
 __all__ = [
     "ADAPTER_FILENAME",
     "CHECKPOINT_DIRNAME",
     "FULL_WEIGHTS_FILENAME",
+    "EvalMetrics",
     "LossSpikeGuard",
     "PreferencePair",
     "ResumeMismatchError",
@@ -93,66 +121,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_FILENAME = "adapter.safetensors"
 FULL_WEIGHTS_FILENAME = "unet.safetensors"
-CHECKPOINT_DIRNAME = "checkpoints"
-_CKPT_RE = re.compile(r"^step-(\d+)$")
-_SEED_TAG_ORDER = 1
-_SEED_TAG_PAIR = 2
-_SEED_TAG_LOADER = 3
-
-# np.ndarray uint8 [H, W, 3] | PIL.Image.Image | torch.Tensor float [3, H, W] in [-1, 1]
-ImageLike = Any
-
-
-# ============================================================================ data types
-@dataclass
-class PreferencePair:
-    """One human (or simulated) preference: ``winner`` was preferred to ``loser`` for ``prompt``.
-
-    Images are uint8 ``[H, W, 3]`` numpy arrays, PIL images, or float tensors ``[3, H, W]`` in
-    [-1, 1]. ``tie=True`` marks a tie (Pick-a-Pic label 0.5): dropped from training unless
-    ``TrainConfig.include_ties``.
-    """
-
-    prompt: str
-    winner: ImageLike
-    loser: ImageLike
-    tie: bool = False
-
-
-@dataclass
-class StepMetrics:
-    """What one optimizer step reports (means over the step's micro-batches and processes).
-
-    Attributes:
-        step: 1-based optimizer step just completed.
-        total_steps: ``TrainConfig.steps``.
-        loss: the preference loss.
-        implicit_acc: fraction of pairs where the model moved towards the winner more than the
-            reference (D^w < D^l).
-        reward_margin: mean implicit reward margin -(β/2) w (D^w - D^l).
-        model_mse: the trained model's denoising MSE.
-        ref_mse: the reference's denoising MSE.
-        lr: learning rate used by this step.
-        grad_norm: global gradient norm before clipping.
-        timestep_histogram: counts of the step's sampled timesteps in ``histogram_bins`` equal
-            bins over [0, T).
-        seconds: wall time of the step.
-    """
-
-    step: int
-    total_steps: int
-    loss: float
-    implicit_acc: float
-    reward_margin: float
-    model_mse: float
-    ref_mse: float
-    lr: float
-    grad_norm: float
-    timestep_histogram: list[int]
-    seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -161,7 +129,8 @@ class TrainResult:
 
     Attributes:
         adapter_path: the LoRA adapter (``adapter.safetensors``) or, for ``finetune="full"``,
-            the UNet weights (``unet.safetensors``), in ``output_dir``.
+            the UNet weights (``unet.safetensors``), in ``output_dir``: the weights of the best
+            held-out evaluation when there were held-out pairs, else those of the last step.
         adapter_sha256: hex SHA-256 of that file.
         steps: optimizer steps trained in total (including those before a resume).
         history: one :class:`StepMetrics` per step.
@@ -169,6 +138,12 @@ class TrainResult:
         finetune: ``"lora"`` or ``"full"``.
         resumed_from: the checkpoint step this run resumed from, or None.
         pairs_used: number of pairs trained on (ties dropped unless included).
+        evals: the held-out evaluations, in step order (the first at step 0); empty without
+            held-out pairs.
+        best_step: the step whose weights were written (``steps`` without held-out pairs; 0
+            means no evaluation beat the reference itself).
+        stop_reason: why the run stopped before ``config.steps`` (early stopping, the drift
+            budget), or None.
     """
 
     adapter_path: Path
@@ -179,6 +154,13 @@ class TrainResult:
     finetune: str
     resumed_from: int | None = None
     pairs_used: int = 0
+    evals: list[EvalMetrics] = field(default_factory=list)
+    best_step: int = 0
+    stop_reason: str | None = None
+
+    @property
+    def best_eval(self) -> EvalMetrics | None:
+        return next((e for e in self.evals if e.step == self.best_step), None)
 
 
 class TrainingDiverged(RuntimeError):
@@ -203,354 +185,6 @@ class ResumeMismatchError(ValueError):
     """The checkpoint in ``output_dir`` was written by a run with other data or settings."""
 
 
-# ============================================================================ images
-def image_to_tensor(image: ImageLike, resolution: int) -> torch.Tensor:
-    """An image -> float32 ``[3, resolution, resolution]`` in [-1, 1].
-
-    Accepts a uint8 ``[H, W, 3]`` array (numpy or torch), a PIL image, or a float tensor
-    ``[3, H, W]`` in [-1, 1]. Non-square images are centre-cropped; other sizes are resized
-    (bilinear, antialiased).
-    """
-    if isinstance(image, torch.Tensor) and image.is_floating_point():
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"a float image tensor must be [3, H, W], got {tuple(image.shape)}")
-        x = image.detach().to("cpu", torch.float32)
-        if not torch.isfinite(x).all() or x.min() < -1.0001 or x.max() > 1.0001:
-            raise ValueError("a float image tensor must hold finite values in [-1, 1]")
-        x = x.clamp(-1, 1)
-    else:
-        if isinstance(image, torch.Tensor):
-            arr = image.detach().cpu().numpy()
-        elif isinstance(image, np.ndarray):
-            arr = image
-        elif hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image.Image
-            arr = np.array(image.convert("RGB"))
-        else:
-            raise TypeError(f"unsupported image type {type(image).__name__}")
-        if arr.dtype != np.uint8:
-            raise ValueError(
-                f"image arrays must be uint8 [H, W, 3], got dtype {arr.dtype}; pass floats as a "
-                "torch tensor [3, H, W] in [-1, 1]"
-            )
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-            raise ValueError(f"image arrays must be [H, W, 3], got shape {arr.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(arr[:, :, :3])).permute(2, 0, 1)
-        x = x.to(torch.float32) / 127.5 - 1.0
-    _, h, w = x.shape
-    if h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        x = x[:, top : top + side, left : left + side]
-    if x.shape[1] != resolution:
-        x = F.interpolate(
-            x[None],
-            size=(resolution, resolution),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )[0].clamp(-1, 1)
-    return x.contiguous()
-
-
-# ============================================================================ losses
-def pair_losses(
-    model_err: torch.Tensor,
-    ref_err: torch.Tensor,
-    *,
-    beta: float,
-    weights: torch.Tensor | None = None,
-    ties: torch.Tensor | None = None,
-    winner_anchor: float = 0.0,
-) -> tuple[torch.Tensor, PreferenceLossOutput]:
-    """The loss of a micro-batch of B pairs from the per-sample errors on [winners; losers].
-
-    Args:
-        model_err: ``[2B]`` the policy's per-sample MSE, winners first then losers.
-        ref_err: ``[2B]`` the reference's, same order.
-        beta: β (Diffusion-DPO's reference convention).
-        weights: ``[B]`` credit weights, or None.
-        ties: ``[B]`` bool, pairs labelled as ties. A tie's loss is the symmetric
-            ``0.5 (-log σ(z) - log σ(-z))``, which is minimised when the two implicit rewards
-            are equal; decided pairs get ``-log σ(z)``.
-        winner_anchor: DPO-Positive's λ (:func:`preference_loss`); for a tie it anchors each
-            image in its own ordering.
-
-    Returns:
-        ``(loss, output)``: the scalar loss to backpropagate (mean over pairs) and the
-        :class:`PreferenceLossOutput` of the winner-vs-loser ordering (for its diagnostics).
-    """
-    b = model_err.shape[0] // 2
-    if model_err.shape != ref_err.shape or model_err.shape[0] != 2 * b or b < 1:
-        raise ValueError(
-            f"expected [2B] errors, got {tuple(model_err.shape)} and {tuple(ref_err.shape)}"
-        )
-    out = preference_loss(
-        model_err[:b],
-        model_err[b:],
-        ref_err[:b],
-        ref_err[b:],
-        beta=beta,
-        weights=weights,
-        winner_anchor=winner_anchor,
-    )
-    if ties is None or not bool(ties.any()):
-        return out.loss, out
-    swapped = preference_loss(
-        model_err[b:],
-        model_err[:b],
-        ref_err[b:],
-        ref_err[:b],
-        beta=beta,
-        weights=weights,
-        winner_anchor=winner_anchor,
-    )
-    ties = ties.to(device=out.per_sample_loss.device, dtype=torch.bool)
-    per = torch.where(
-        ties, 0.5 * (out.per_sample_loss + swapped.per_sample_loss), out.per_sample_loss
-    )
-    return per.mean(), out
-
-
-# ============================================================================ data
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, via numpy's SeedSequence (no collisions between tuples)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))
-
-
-class _PairDataset(Dataset):
-    """Items are looked up by ``(pair index, stream position)``; images converted lazily."""
-
-    def __init__(self, pairs: Sequence[PreferencePair], resolution: int) -> None:
-        self.pairs = pairs
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, position = key
-        pair = self.pairs[index]
-        return {
-            "prompt": pair.prompt,
-            "winner": image_to_tensor(pair.winner, self.resolution),
-            "loser": image_to_tensor(pair.loser, self.resolution),
-            "tie": bool(pair.tie),
-            "position": int(position),
-        }
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "prompt": [it["prompt"] for it in items],
-        "winner": torch.stack([it["winner"] for it in items]),
-        "loser": torch.stack([it["loser"] for it in items]),
-        "tie": torch.tensor([it["tie"] for it in items], dtype=torch.bool),
-        "position": torch.tensor([it["position"] for it in items], dtype=torch.long),
-    }
-
-
-class _SeededEpochSampler(Sampler):
-    """A permutation of the pairs per epoch, from (seed, epoch); yields (index, position).
-
-    ``position = epoch * n + rank in the epoch`` numbers every draw of the data stream; the
-    trainer seeds each pair's randomness from it. (No ``set_epoch`` method on purpose:
-    accelerate's dataloader would reset it to its own iteration count, which restarts at 0 after
-    a resume. The trainer calls :meth:`set_stream_epoch`.)
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n = n
-        self.seed = seed
-        self.epoch = 0
-
-    def set_stream_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        g = torch.Generator().manual_seed(_derive_seed(self.seed, _SEED_TAG_ORDER, self.epoch))
-        perm = torch.randperm(self.n, generator=g).tolist()
-        base = self.epoch * self.n
-        for rank, index in enumerate(perm):
-            yield index, base + rank
-
-
-def _data_fingerprint(pairs: Sequence[PreferencePair]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(str(len(pairs)).encode())
-    for p in pairs:
-        h.update(b"\x00" + p.prompt.encode("utf-8") + (b"\x01" if p.tie else b"\x02"))
-    return h.hexdigest()
-
-
-# ============================================================================ run state
-@dataclass
-class LossSpikeGuard:
-    """Flags a run whose loss stays far above its recent typical value.
-
-    A loss above ``factor`` x the median of the last ``window`` accepted losses is a spike
-    (checked once ``min_history`` losses are known; spikes do not enter the history). After
-    ``max_consecutive`` spikes in a row, :meth:`observe` returns the reason to stop.
-    ``factor=None`` disables the check. Non-finite losses are the trainer's business: they stop a
-    run at once.
-
-    A run that is bad *from the start* has no good history to spike against, so there is also a
-    ceiling: every DPO-family loss starts at ``ln 2 ≈ 0.693`` (the model equals its reference),
-    and a run that learns the preferences brings it down. Once ``min_history`` losses are known,
-    a running median above ``ceiling`` means the model is moving *against* the preferences
-    (typically a learning rate or β far too large), and :meth:`observe` returns the reason to
-    stop. ``ceiling=None`` disables it.
-    """
-
-    factor: float | None
-    window: int
-    min_history: int
-    max_consecutive: int
-    ceiling: float | None = None
-    recent: list[float] = field(default_factory=list)
-    consecutive: int = 0
-
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> LossSpikeGuard:
-        return cls(
-            config.loss_spike_factor,
-            config.spike_window,
-            config.spike_min_history,
-            config.max_consecutive_spikes,
-            config.max_median_loss,
-        )
-
-    def observe(self, loss: float) -> str | None:
-        """Records one step's loss; returns why the run must stop, or None."""
-        reason = self._observe_spike(loss)
-        if reason is None and self.ceiling is not None and len(self.recent) >= self.min_history:
-            median = statistics.median(self.recent)
-            if median > self.ceiling:
-                return (
-                    f"the running median loss {median:.4g} is above {self.ceiling:g} (it starts "
-                    f"at ln 2 = 0.693 and should fall): the model is moving against the "
-                    f"preferences; lower the learning rate or beta"
-                )
-        return reason
-
-    def _observe_spike(self, loss: float) -> str | None:
-        if self.factor is not None and len(self.recent) >= self.min_history:
-            median = statistics.median(self.recent)
-            if median > 0 and loss > self.factor * median:
-                self.consecutive += 1
-                if self.consecutive >= self.max_consecutive:
-                    return (
-                        f"loss {loss:.4g} above {self.factor:g} x the running median "
-                        f"{median:.4g} for {self.consecutive} consecutive steps"
-                    )
-                return None
-        self.consecutive = 0
-        self.recent = (self.recent + [float(loss)])[-self.window :]
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"recent": list(self.recent), "consecutive": self.consecutive}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.recent = [float(x) for x in state["recent"]][-self.window :]
-        self.consecutive = int(state["consecutive"])
-
-
-@dataclass
-class _RunState:
-    step: int = 0
-    position: int = 0  # micro-batches consumed from the data stream (per process)
-    history: list[StepMetrics] = field(default_factory=list)
-    guard: dict[str, Any] = field(default_factory=dict)
-    consecutive_skips: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "position": self.position,
-            "history": [m.as_dict() for m in self.history],
-            "guard": self.guard,
-            "consecutive_skips": self.consecutive_skips,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> _RunState:
-        return cls(
-            step=int(data["step"]),
-            position=int(data["position"]),
-            history=[StepMetrics(**m) for m in data["history"]],
-            guard=dict(data["guard"]),
-            consecutive_skips=int(data["consecutive_skips"]),
-        )
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            npst["keys"].numpy().astype(np.uint32),
-            npst["pos"],
-            npst["has_gauss"],
-            npst["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory under ``output_dir/checkpoints``, or None."""
-    root = Path(output_dir) / CHECKPOINT_DIRNAME
-    if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for child in root.iterdir():
-        m = _CKPT_RE.match(child.name)
-        if m and (child / "state.json").is_file():
-            step = int(m.group(1))
-            if best is None or step > best[0]:
-                best = (step, child)
-    return best[1] if best else None
-
-
-def _fsync_tree(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_file():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ============================================================================ the trainer
 class _Trainer:
     def __init__(
@@ -563,6 +197,8 @@ class _Trainer:
         should_stop: Callable[[], bool] | None,
         resume: bool,
         progress_bar: bool | None,
+        heldout: Sequence[PreferencePair] | None = None,
+        on_eval: Callable[[EvalMetrics], None] | None = None,
     ) -> None:
         self.backbone = backbone
         self.config = config
@@ -571,6 +207,8 @@ class _Trainer:
         self.should_stop = should_stop
         self.resume = resume
         self.progress_bar = progress_bar
+        self.on_eval = on_eval
+        self.heldout_pairs = [p for p in (heldout or []) if not p.tie]
         self.all_pairs = list(pairs)
         self.pairs = [p for p in self.all_pairs if config.include_ties or not p.tie]
         dropped = len(self.all_pairs) - len(self.pairs)
@@ -685,17 +323,17 @@ class _Trainer:
             num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
         )
 
-        self.sampler = _SeededEpochSampler(len(self.pairs), cfg.seed)
+        self.sampler = SeededEpochSampler(len(self.pairs), cfg.seed)
         dataloader = DataLoader(
-            _PairDataset(self.pairs, self.resolution),
+            PairDataset(self.pairs, self.resolution),
             batch_size=cfg.batch_size,
             sampler=self.sampler,
-            collate_fn=_collate,
+            collate_fn=collate,
             drop_last=False,
             num_workers=0,
             # its own generator: creating an iterator then draws no seed from the global torch
             # RNG, whose state (LoRA dropout) checkpoints restore exactly
-            generator=torch.Generator().manual_seed(_derive_seed(cfg.seed, _SEED_TAG_LOADER)),
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TAG_LOADER)),
         )
         self.model, self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
             unet, optimizer, dataloader, lr_scheduler
@@ -718,7 +356,21 @@ class _Trainer:
             self.resolution // vae_factor,
             self.resolution // vae_factor,
         )
-        self.fingerprint = _data_fingerprint(self.pairs)
+        self.fingerprint = data_fingerprint(self.pairs)
+        self.heldout: HeldOutSet | None = None
+        if self.heldout_pairs and cfg.eval_every > 0:
+            self.heldout = HeldOutSet(
+                bb,
+                self.heldout_pairs,
+                scheme=cfg.scheme,
+                k=cfg.eval_timesteps,
+                beta=cfg.beta,
+                seed=cfg.seed,
+                resolution=self.resolution,
+                params=CreditParams(tau_center=cfg.tau_center, tau_halfwidth=cfg.tau_halfwidth),
+                batch_size=max(1, 64 // cfg.eval_timesteps),
+            )
+            self.fingerprint += "+" + data_fingerprint(self.heldout_pairs)
 
     def _teardown(self) -> None:
         from accelerate.state import AcceleratorState, GradientState
@@ -746,7 +398,7 @@ class _Trainer:
         device = acc.device
         prompts: list[str] = batch["prompt"]
         gens = [
-            torch.Generator().manual_seed(_derive_seed(cfg.seed, _SEED_TAG_PAIR, int(pos)))
+            torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TAG_PAIR, int(pos)))
             for pos in batch["position"].tolist()
         ]
         # per pair, in this order: timestep, noise, VAE sample of the winner, of the loser
@@ -830,91 +482,100 @@ class _Trainer:
                 f"{self.accelerator.num_processes}"
             )
 
-    def _save_checkpoint(self, state: _RunState) -> None:
-        acc = self.accelerator
-        root = self.output_dir / CHECKPOINT_DIRNAME
-        final = root / f"step-{state.step:06d}"
-        tmp = root / f".tmp-step-{state.step:06d}"
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            named = dict(self._unet.named_parameters())
-            atomic_save_safetensors(
-                {n: named[n] for n in self.trainable_names}, tmp / "trainable.safetensors"
-            )
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            if acc.scaler is not None:
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-            meta = {
-                "state": state.to_json(),
-                "config": self.config.to_dict(),
-                "data_fingerprint": self.fingerprint,
-                "num_processes": acc.num_processes,
-                "finetune": self.config.finetune,
-            }
-            (tmp / "state.json").write_text(json.dumps(meta))
-            _fsync_tree(tmp)
-            if final.exists():
-                trash = root / f".old-step-{state.step:06d}"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            fd = os.open(root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._prune_checkpoints(root)
-        acc.wait_for_everyone()
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "data_fingerprint": self.fingerprint,
+            "num_processes": self.accelerator.num_processes,
+            "finetune": self.config.finetune,
+        }
 
-    def _prune_checkpoints(self, root: Path) -> None:
-        steps = sorted(
-            (int(m.group(1)), child)
-            for child in root.iterdir()
-            if (m := _CKPT_RE.match(child.name)) and (child / "state.json").is_file()
+    def _save_checkpoint(self, state: RunState) -> None:
+        save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            state,
+            named_parameters=dict(self._unet.named_parameters()),
+            trainable_names=self.trainable_names,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            meta=self._checkpoint_meta(),
+            keep=self.config.keep_checkpoints,
+            best=self.best_weights,
         )
-        for _, child in steps[: max(0, len(steps) - self.config.keep_checkpoints)]:
-            shutil.rmtree(child, ignore_errors=True)
 
-    def _load_checkpoint(self, path: Path) -> _RunState:
-        acc = self.accelerator
-        meta = json.loads((path / "state.json").read_text())
-        self._resume_compatible(meta)
-        tensors, _ = read_adapter_file(path / "trainable.safetensors")
-        if set(tensors) != set(self.trainable_names):
-            raise ResumeMismatchError(
-                f"checkpoint {path} holds other trainable parameters than this model "
-                f"({len(tensors)} vs {len(self.trainable_names)})"
-            )
-        named = dict(self._unet.named_parameters())
-        with torch.no_grad():
-            for name, value in tensors.items():
-                named[name].copy_(value.to(named[name].dtype))
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True)
+    def _load_checkpoint(self, path: Path) -> RunState:
+        state, best = load_checkpoint(
+            self.accelerator,
+            path,
+            named_parameters=dict(self._unet.named_parameters()),
+            trainable_names=self.trainable_names,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            check=self._resume_compatible,
+            mismatch=ResumeMismatchError,
         )
-        self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-        if acc.scaler is not None and (path / "scaler.pt").is_file():
-            acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-        rng_file = path / f"rng-{acc.process_index}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        state = _RunState.from_json(meta["state"])
         if state.step > self.config.steps:
             raise ResumeMismatchError(
                 f"checkpoint {path} is at step {state.step}, past steps={self.config.steps}"
             )
+        self.best_weights = best
         return state
+
+    # ---------------------------------------------------------------- held-out evaluation
+    def _trainable_snapshot(self) -> dict[str, torch.Tensor]:
+        named = dict(self._unet.named_parameters())
+        return {n: named[n].detach().to("cpu", copy=True) for n in self.trainable_names}
+
+    def _evaluate(self, step: int) -> tuple[EvalMetrics, bool, str | None]:
+        """Evaluates the held-out set at ``step`` (every process, on the unwrapped UNet, so no
+        collective runs and every process takes the same decision)."""
+        assert self.heldout is not None
+        bb, acc, unet = self.backbone, self.accelerator, self._unet
+
+        def policy(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            with acc.autocast():
+                return bb.predict_noise(x, t, cond, unet=unet)
+
+        def reference(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            with acc.autocast():
+                if self.reference is not None:
+                    return bb.predict_noise(x, t, cond, unet=self.reference)
+                with adapters_disabled(unet) as base:
+                    return bb.predict_noise(x, t, cond, unet=base)
+
+        was_training = unet.training
+        unet.eval()
+        try:
+            m = self.heldout.evaluate(policy, reference, step=step, device=acc.device)
+        finally:
+            unet.train(was_training)
+        is_best, stop = self.tracker.observe(m)
+        if is_best:
+            self.best_weights = self._trainable_snapshot()
+        logger.info(
+            "held-out @%d: acc %.3f loss %.4f drift %.4g%s",
+            step,
+            m.accuracy,
+            m.loss,
+            m.drift,
+            " (best)" if is_best else "",
+        )
+        if self.on_eval is not None and acc.is_main_process:
+            self.on_eval(m)
+        return m, is_best, stop
+
+    def _restore_best(self, state: RunState) -> int:
+        """Loads the best held-out weights into the UNet; returns their step."""
+        best = self.tracker.best
+        if best is None or self.best_weights is None:
+            return state.step
+        if best.step != state.step:
+            named = dict(self._unet.named_parameters())
+            with torch.no_grad():
+                for name, value in self.best_weights.items():
+                    named[name].copy_(value.to(named[name].device, named[name].dtype))
+        return best.step
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -940,16 +601,25 @@ class _Trainer:
                 shutil.rmtree(self.output_dir / CHECKPOINT_DIRNAME, ignore_errors=True)
         acc.wait_for_everyone()
 
-        state = _RunState()
+        state = RunState()
         self.guard = LossSpikeGuard.from_config(cfg)
+        self.tracker = EvalTracker.from_config(cfg)
+        self.best_weights: dict[str, torch.Tensor] | None = None
         resumed_from: int | None = None
         ckpt = latest_checkpoint(self.output_dir) if self.resume else None
         if ckpt is not None:
             state = self._load_checkpoint(ckpt)
             if state.guard:
                 self.guard.load_state_dict(state.guard)
+            if state.evals:
+                self.tracker.load_state_dict(state.evals)
             resumed_from = state.step
             logger.info("resumed from %s (step %d)", ckpt, state.step)
+
+        stop_reason: str | None = None
+        if self.heldout is not None and not self.tracker.evals:
+            _, _, stop_reason = self._evaluate(0)  # the reference: acc 0.5, loss ln 2, drift 0
+            state.evals = self.tracker.state_dict()
 
         show_bar = self.progress_bar
         if show_bar is None:
@@ -962,7 +632,7 @@ class _Trainer:
 
         stream = self._stream(state.position)
         try:
-            while state.step < cfg.steps:
+            while state.step < cfg.steps and stop_reason is None:
                 if self.should_stop is not None:
                     flag = torch.tensor(
                         [1 if (acc.is_main_process and self.should_stop()) else 0],
@@ -972,6 +642,11 @@ class _Trainer:
                         raise TrainingCancelled(state.step)
                 metrics = self._train_step(state, stream)
                 state.history.append(metrics)
+                if self.heldout is not None and (
+                    state.step % cfg.eval_every == 0 or state.step == cfg.steps
+                ):
+                    _, _, stop_reason = self._evaluate(state.step)
+                    state.evals = self.tracker.state_dict()
                 if cfg.checkpoint_every and (
                     state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps
                 ):
@@ -982,22 +657,30 @@ class _Trainer:
                 if (
                     self.progress is not None
                     and acc.is_main_process
-                    and (state.step % cfg.log_every == 0 or state.step == cfg.steps)
+                    and (
+                        state.step % cfg.log_every == 0
+                        or state.step == cfg.steps
+                        or stop_reason is not None
+                    )
                 ):
                     self.progress(metrics)
         finally:
             if bar is not None:
                 bar.close()
+        if stop_reason is not None:
+            logger.info("stopped at step %d: %s", state.step, stop_reason)
 
         for name, p in self._unet.named_parameters():
             if p.requires_grad and not torch.isfinite(p).all():
                 raise TrainingDiverged(state.step, f"non-finite weights in {name}")
+        best_step = self._restore_best(state) if self.heldout is not None else state.step
         acc.wait_for_everyone()
         sha = ""
         if acc.is_main_process:
             header = {
                 "scheme": cfg.scheme,
                 "steps": str(state.step),
+                "best_step": str(best_step),
                 "seed": str(cfg.seed),
                 "base_model": self.backbone.name,
                 "train_config": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -1010,7 +693,8 @@ class _Trainer:
         if not sha:
             sha = file_sha256(final_path)
         if not state.history:
-            raise RuntimeError("no step was trained")  # steps >= 1 is validated; defensive
+            if resumed_from is None or stop_reason is None:
+                raise RuntimeError("no step was trained")  # steps >= 1 is validated; defensive
         return TrainResult(
             adapter_path=final_path,
             adapter_sha256=sha,
@@ -1020,9 +704,12 @@ class _Trainer:
             finetune=cfg.finetune,
             resumed_from=resumed_from,
             pairs_used=len(self.pairs),
+            evals=list(self.tracker.evals),
+            best_step=best_step,
+            stop_reason=stop_reason,
         )
 
-    def _train_step(self, state: _RunState, stream: Iterator[dict[str, Any]]) -> StepMetrics:
+    def _train_step(self, state: RunState, stream: Iterator[dict[str, Any]]) -> StepMetrics:
         cfg = self.config
         acc = self.accelerator
         started = time.perf_counter()
@@ -1106,6 +793,8 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     resume: bool = True,
     progress_bar: bool | None = None,
+    heldout: Sequence[PreferencePair] | None = None,
+    on_eval: Callable[[EvalMetrics], None] | None = None,
 ) -> TrainResult:
     """Aligns ``backbone`` to ``pairs`` with DDE (or the configured credit scheme).
 
@@ -1127,6 +816,12 @@ def train(
             come from the same data and settings, else :class:`ResumeMismatchError`); False
             deletes old checkpoints and starts over.
         progress_bar: show a tqdm bar; None means "when ``progress`` is None and stdout is a tty".
+        heldout: held-out pairs (never trained on; split them by prompt with
+            :func:`worker.alignment.data.split_by_prompt`). With ``config.eval_every > 0`` they
+            are evaluated before the first step and every ``eval_every`` steps; the run then
+            keeps its best evaluation within ``config.drift_budget``, may stop early, and writes
+            the best weights (:class:`TrainResult` ``best_step``, ``evals``, ``stop_reason``).
+        on_eval: called on the main process with each held-out :class:`EvalMetrics`.
 
     Returns:
         :class:`TrainResult`.
@@ -1147,5 +842,7 @@ def train(
         should_stop,
         resume,
         progress_bar,
+        heldout,
+        on_eval,
     )
     return trainer.run()
