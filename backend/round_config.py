@@ -1,7 +1,9 @@
 """The configuration of a training round, as the API accepts and stores it.
 
-It mirrors the trainer's knobs (``worker.alignment.config``); the Celery task maps it onto the
-trainer's config. ``POST /api/v1/rounds`` takes a partial dict of overrides; they are merged
+It shares field names and defaults with the trainer's ``worker.alignment.config.TrainConfig``
+(two fields keep their older API names, :data:`RENAMED_FIELDS`; :data:`ROUND_ONLY_FIELDS` are
+the round's own), and :func:`train_config_kwargs` is the one mapping onto it. Per-family
+defaults come from :mod:`backend.model_family`. ``POST /api/v1/rounds`` takes a partial dict of overrides; they are merged
 onto the defaults and validated here, so a bad value is a 422 naming the field, before any
 row is written. ``RoundConfig.model_json_schema()`` is served at
 ``GET /api/v1/rounds/config-schema`` for forms and clients.
@@ -9,19 +11,56 @@ row is written. ``RoundConfig.model_json_schema()`` is served at
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from backend.model_family import FAMILIES, family_of
 
 Scheme = Literal["dde", "uniform", "dde-stepwise", "dde-single-shot"]
 TimestepMode = Literal["importance", "weighted"]
 
+#: RoundConfig fields that only the round (worker.rounds) reads; the trainer has no such field.
+ROUND_ONLY_FIELDS: frozenset[str] = frozenset(
+    {"min_pairs", "max_epochs", "eval_prompts", "holdout_fraction", "min_heldout_gain"}
+)
+#: RoundConfig fields stored under another name (and form) in TrainConfig: API name -> trainer's.
+RENAMED_FIELDS: Mapping[str, str] = MappingProxyType(
+    {"warmup_steps": "lr_warmup_steps", "full_finetune": "finetune"}
+)
+#: Settings older rows may still carry, with the one value that is dropped silently (it meant
+#: "off"); any other value is an error naming the setting.
+_REMOVED_FIELDS: Mapping[str, tuple[Any, str]] = MappingProxyType(
+    {
+        "label_smoothing": (
+            0.0,
+            "label_smoothing is no longer supported; remove it (conservative DPO was never "
+            "implemented)",
+        ),
+        "label_noise": (
+            "none",
+            "label_noise is no longer supported; remove it (no label-noise model was ever "
+            "implemented; 'none' was the only value)",
+        ),
+    }
+)
+
 
 class RoundConfig(BaseModel):
-    """Knobs of one DDE / Diffusion-DPO round."""
+    """Knobs of one DDE / Diffusion-DPO round.
+
+    Every field is either a :class:`worker.alignment.config.TrainConfig` field of the same name
+    and default, one of :data:`RENAMED_FIELDS`, or one of :data:`ROUND_ONLY_FIELDS`
+    (``tests/alignment/test_config_agreement.py`` checks it); :func:`train_config_kwargs` is
+    the one mapping onto the trainer's config.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # ---------------------------------------------------------------- the method
     scheme: Scheme = Field(
         "dde",
         description="Credit over the trajectory: dde (middle-of-trajectory credit), uniform "
@@ -30,13 +69,13 @@ class RoundConfig(BaseModel):
     timestep_mode: TimestepMode = Field(
         "importance", description="Sample timesteps by credit (importance) or weight the loss."
     )
-    beta: float = Field(2000.0, gt=0, le=1e6, description="KL strength of the DPO objective.")
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per micro-batch.")
-    grad_accum: int = Field(1, ge=1, le=1024)
-    warmup_steps: int = Field(0, ge=0, le=1_000_000)
-    max_grad_norm: float = Field(1.0, gt=0, le=1e4)
+    beta: float = Field(
+        5000.0,
+        gt=0,
+        le=1e6,
+        description="KL strength of the DPO objective, loss = -logsigmoid(-0.5 beta "
+        "(dtheta - dref)); 5000 for SD1.5/SDXL (diffusers' example writes 2500 for the same loss).",
+    )
     winner_anchor: float = Field(
         0.0,
         ge=0.0,
@@ -44,17 +83,34 @@ class RoundConfig(BaseModel):
         description="DPO-Positive's lambda: also penalise the model for denoising the winner "
         "worse than the reference (0 = plain Diffusion-DPO / DDE).",
     )
-    lora_rank: int = Field(4, ge=1, le=1024, description="LoRA rank (ignored with full_finetune).")
-    lora_alpha: float | None = Field(None, gt=0, le=4096, description="Defaults to the rank.")
-    full_finetune: bool = False
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    label_noise: Literal["none"] = Field(
-        "none", description="Label-noise model of the loss; only 'none' is supported."
-    )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO.")
     include_ties: bool = Field(False, description="Train on ties (label 0.5) instead of dropping.")
+
+    # ---------------------------------------------------------------- optimisation
+    learning_rate: float = Field(1e-5, gt=0, le=1.0, description="Peak learning rate.")
+    steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Linear learning-rate warmup (the trainer's lr_warmup_steps).",
+    )
+    max_grad_norm: float = Field(1.0, gt=0, le=1e4, description="Clip the global gradient norm.")
+
+    # ---------------------------------------------------------------- what is trained
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank (ignored with full_finetune).")
+    lora_alpha: float | None = Field(None, gt=0, le=4096, description="Defaults to the rank.")
+    full_finetune: bool = Field(
+        False, description="Train every UNet weight instead of a LoRA (the trainer's finetune)."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="accelerate mixed precision (fp16 / bf16 on a GPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Less memory, about 30% slower.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of everything random.")
+
+    # ---------------------------------------------------------------- the round's data
     min_pairs: int = Field(1, ge=1, le=10_000_000, description="Fail fast below this many pairs.")
     max_epochs: float | None = Field(
         2.0,
@@ -64,10 +120,70 @@ class RoundConfig(BaseModel):
         "pairs trains fewer than `steps` steps (at least 1). Many passes over few pairs damage "
         "the model (docs/alignment-benchmark.md). null: always train `steps`.",
     )
-    eval_every: int = Field(50, ge=1, le=1_000_000)
-    checkpoint_every: int = Field(100, ge=1, le=1_000_000)
+    holdout_fraction: float = Field(
+        0.15,
+        ge=0.0,
+        le=0.5,
+        description="Share of the round's pairs held out from training (split by prompt) to "
+        "evaluate on; 0 disables held-out evaluation.",
+    )
+
+    # ---------------------------------------------------------------- held-out evaluation
+    eval_every: int = Field(
+        10,
+        ge=0,
+        le=1_000_000,
+        description="Evaluate the held-out pairs every N optimizer steps (and at the last "
+        "step); 0 disables held-out evaluation.",
+    )
+    eval_timesteps: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="Fixed timesteps per held-out pair (at quantiles of the scheme's credit "
+        "distribution), each with a fixed noise draw.",
+    )
+    early_stopping_patience: int = Field(
+        5,
+        ge=0,
+        le=1_000_000,
+        description="Stop when the held-out loss has not improved by more than "
+        "early_stopping_min_delta for this many evaluations; 0 never stops early.",
+    )
+    early_stopping_min_delta: float = Field(
+        1e-4,
+        ge=0.0,
+        le=1e6,
+        description="The least decrease of the held-out loss that counts as an improvement.",
+    )
+    drift_budget: float | None = Field(
+        0.5,
+        gt=0.0,
+        le=1e6,
+        description="Largest allowed drift of the policy from the reference on the held-out "
+        "images at the fixed draws, sum |eps_theta - eps_ref|^2 / sum |eps - eps_ref|^2; when an "
+        "evaluation exceeds it, training stops and the best checkpoint within budget is kept. "
+        "null disables the budget.",
+    )
+    min_heldout_gain: float = Field(
+        0.02,
+        ge=0.0,
+        le=0.5,
+        description="A round produces a candidate version only if its best held-out "
+        "preference accuracy is at least 0.5 + this.",
+    )
+    eval_prompts: int = Field(32, ge=0, le=100_000, description="Prompts for the judge's eval.")
+
+    # ---------------------------------------------------------------- checkpoints and guards
+    checkpoint_every: int = Field(
+        100, ge=1, le=1_000_000, description="Write a resumable checkpoint every N steps."
+    )
     loss_spike_factor: float = Field(
-        5.0, gt=1.0, le=1e6, description="Roll back when loss exceeds this times its running mean."
+        4.0,
+        gt=1.0,
+        le=1e6,
+        description="A step whose loss exceeds this times the running median of recent losses "
+        "is a spike; sustained spikes stop the round.",
     )
     max_median_loss: float | None = Field(
         1.5,
@@ -77,7 +193,39 @@ class RoundConfig(BaseModel):
         "ln 2 = 0.693 and falls while learning); catches a run that is bad from the start. "
         "null disables the check.",
     )
-    eval_prompts: int = Field(32, ge=0, le=100_000, description="Prompts for the judge's eval.")
+    max_steps_above_chance: int | None = Field(
+        100,
+        ge=1,
+        le=1_000_000,
+        description="Stop a round whose running mean training loss stays above ln 2 (chance) "
+        "for this many consecutive steps: bad from the start. null disables the check.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed_settings(cls, data: Any) -> Any:
+        """Stored configs of older rounds may carry removed settings: their "off" value is
+        dropped, any other value is an error naming the setting."""
+        if not isinstance(data, Mapping) or not any(k in data for k in _REMOVED_FIELDS):
+            return data
+        data = dict(data)
+        errors: list[InitErrorDetails] = []
+        for name, (off, message) in _REMOVED_FIELDS.items():
+            if name not in data:
+                continue
+            value = data.pop(name)
+            if isinstance(value, bool) or value != off:
+                errors.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError("removed_setting", message),
+                        loc=(name,),
+                        input=value,
+                    )
+                )
+        if errors:
+            # a ValidationError keeps each error's loc, so a 422 names the setting
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> RoundConfig:
@@ -86,18 +234,33 @@ class RoundConfig(BaseModel):
         return self
 
 
+def train_config_kwargs(rc: RoundConfig, *, steps: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``worker.alignment.config.TrainConfig(**kw)`` for round config
+    ``rc``: every field the trainer has under the same name, :data:`RENAMED_FIELDS` translated,
+    :data:`ROUND_ONLY_FIELDS` left out, and ``log_every=1`` (a round logs every step).
+    ``steps`` replaces ``rc.steps`` (e.g. the round's :func:`epoch_capped_steps`)."""
+    kw: dict[str, Any] = {}
+    for name in type(rc).model_fields:
+        if name in ROUND_ONLY_FIELDS:
+            continue
+        value = getattr(rc, name)
+        if name == "full_finetune":
+            kw["finetune"] = "full" if value else "lora"
+        elif name in RENAMED_FIELDS:
+            kw[RENAMED_FIELDS[name]] = value
+        else:
+            kw[name] = value
+    if steps is not None:
+        kw["steps"] = steps
+    kw["log_every"] = 1
+    return kw
+
+
 #: Defaults that depend on the family of the round's base model, applied under the admin's
-#: overrides (``RoundConfig``'s own field defaults are for whatever no family names).
-#:
-#: - ``builtin``: the offline model ``builtin:shapes`` (1.7M parameters, trained from scratch):
-#:   the values tuned by ``bench/alignment.py`` on the validation split
-#:   (docs/alignment-benchmark.md). SD-sized learning rates move nothing on it.
-#: - ``diffusers``: SD1.5 / SDXL pipelines: diffusers' Diffusion-DPO LoRA example
-#:   (``--learning_rate 1e-5 --rank 8 --beta_dpo 2500``; β doubled to this project's convention,
-#:   see ``worker.alignment.config``).
+#: overrides (``RoundConfig``'s own field defaults are for whatever no family names); derived
+#: from the registry of :mod:`backend.model_family`, kept for compatibility.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "builtin": {"learning_rate": 1e-3, "beta": 2000.0, "lora_rank": 8, "batch_size": 8},
-    "diffusers": {"learning_rate": 1e-5, "beta": 5000.0, "lora_rank": 8},
+    name: dict(family.round_defaults) for name, family in FAMILIES.items()
 }
 
 
@@ -119,23 +282,24 @@ def epoch_capped_steps(
 
 
 def model_family(base_model: str | None) -> str | None:
-    """``"builtin"`` for ``builtin:*`` ids, ``"diffusers"`` for any other id or path, None for
-    an unknown base model (no version yet)."""
-    if not base_model:
-        return None
-    return "builtin" if base_model.startswith("builtin:") else "diffusers"
+    """The name of ``base_model``'s family (:func:`backend.model_family.family_of`):
+    ``"builtin"`` for ``builtin:*`` ids and built-in checkpoint directories, ``"diffusers"`` for
+    any other id or path, None for an unknown base model (no version yet)."""
+    family = family_of(base_model)
+    return family.name if family is not None else None
+
+
+def _family_defaults(base_model: str | None) -> dict[str, Any]:
+    family = family_of(base_model)
+    return dict(family.round_defaults) if family is not None else {}
 
 
 def defaults_for(base_model: str | None) -> dict[str, Any]:
     """The full default config for rounds on ``base_model`` (a JSON-ready dict)."""
-    family = model_family(base_model)
-    merged = RoundConfig.model_validate(FAMILY_DEFAULTS.get(family or "", {}))
-    return merged.model_dump(mode="json")
+    return RoundConfig.model_validate(_family_defaults(base_model)).model_dump(mode="json")
 
 
 def resolve_config(overrides: dict[str, Any] | None, base_model: str | None = None) -> RoundConfig:
     """The defaults for ``base_model``'s family with ``overrides`` applied on top; raises
     ``pydantic.ValidationError`` when the result is invalid."""
-    family = model_family(base_model)
-    merged = {**FAMILY_DEFAULTS.get(family or "", {}), **(overrides or {})}
-    return RoundConfig.model_validate(merged)
+    return RoundConfig.model_validate({**_family_defaults(base_model), **(overrides or {})})

@@ -25,7 +25,6 @@ data directory can move as a whole.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -36,6 +35,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.model_family import BUILTIN, BUILTIN_SHAPES, family_of
 from backend.models import ModelVersion
 from worker.alignment.adapters import (
     file_sha256,
@@ -48,7 +48,6 @@ from worker.alignment.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SHAPES = "builtin:shapes"
 #: How many loaded versions one process keeps (the serving version and its parent, typically).
 CACHE_SIZE = 3
 _FORMAT_KEY = "prefloop_format"
@@ -71,20 +70,13 @@ class VersionLink:
 
 
 # ---------------------------------------------------------------------------- base models
-def _is_pixel_checkpoint(path: Path) -> bool:
-    """Whether ``path`` holds a built-in-model checkpoint (``model_index.json`` kind "pixel")."""
-    index = path / "model_index.json"
-    try:
-        return bool(index.is_file() and json.loads(index.read_text()).get("kind") == "pixel")
-    except (OSError, ValueError):
-        return False
-
-
 def is_builtin(base_model: str) -> bool:
     """Whether ``base_model`` is the built-in world's model (its judge and renderer apply):
-    ``"builtin:shapes"`` (the shipped checkpoint) or the directory of a built-in checkpoint
-    (one re-trained with ``python -m worker.shapes.pretrain --out DIR``, or a test's)."""
-    return base_model == BUILTIN_SHAPES or _is_pixel_checkpoint(Path(base_model).expanduser())
+    ``builtin:*`` (``builtin:shapes`` is the shipped checkpoint) or the directory of a built-in
+    checkpoint (one re-trained with ``python -m worker.shapes.pretrain --out DIR``, or a
+    test's). The API's round defaults ask the same registry (:mod:`backend.model_family`)."""
+    family = family_of(base_model)
+    return family is not None and family.name == BUILTIN.name
 
 
 def default_device() -> torch.device:

@@ -146,41 +146,17 @@ def version_adapter_path(settings: Settings, name: str, filename: str = ADAPTER_
 
 # ---------------------------------------------------------------------------- config
 def train_config(config: dict[str, Any]) -> Any:
-    """The stored round config (``backend.round_config``) as the trainer's ``TrainConfig``."""
+    """The stored round config (``backend.round_config``) as the trainer's ``TrainConfig``
+    (the one mapping: ``backend.round_config.train_config_kwargs``)."""
+    from backend.round_config import train_config_kwargs
     from worker.alignment.config import ConfigError, TrainConfig
 
     try:
         rc = RoundConfig.model_validate(config)
     except ValueError as exc:
         raise RoundFailed(f"invalid round config: {exc}") from None
-    if rc.label_smoothing:
-        raise RoundFailed(
-            f"label_smoothing={rc.label_smoothing} is not supported by the trainer; use 0"
-        )
     try:
-        return TrainConfig(
-            scheme=rc.scheme,
-            timestep_mode=rc.timestep_mode,
-            beta=rc.beta,
-            winner_anchor=rc.winner_anchor,
-            include_ties=rc.include_ties,
-            steps=rc.steps,
-            batch_size=rc.batch_size,
-            grad_accum=rc.grad_accum,
-            learning_rate=rc.learning_rate,
-            lr_warmup_steps=rc.warmup_steps,
-            max_grad_norm=rc.max_grad_norm,
-            finetune="full" if rc.full_finetune else "lora",
-            lora_rank=rc.lora_rank,
-            lora_alpha=rc.lora_alpha,
-            mixed_precision=rc.mixed_precision,
-            gradient_checkpointing=rc.gradient_checkpointing,
-            seed=rc.seed,
-            checkpoint_every=rc.checkpoint_every,
-            loss_spike_factor=rc.loss_spike_factor,
-            max_median_loss=rc.max_median_loss,
-            log_every=1,
-        )
+        return TrainConfig(**train_config_kwargs(rc))
     except ConfigError as exc:
         raise RoundFailed(f"invalid training config: {exc}") from None
 

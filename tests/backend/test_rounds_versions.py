@@ -43,7 +43,10 @@ def test_bad_round_config_is_422_naming_the_field_and_writes_nothing(env, client
         ({"learning_rate": "fast"}, "learning_rate"),
         ({"steps": 0}, "steps"),
         ({"unknown_knob": 1}, "unknown_knob"),
-        ({"label_noise": "flip"}, "label_noise"),
+        ({"label_noise": "flip"}, "label_noise"),  # removed: named, with why
+        ({"label_smoothing": 0.1}, "label_smoothing"),
+        ({"eval_timesteps": 0}, "eval_timesteps"),
+        ({"holdout_fraction": 0.9}, "holdout_fraction"),
     ]:
         r = client.post("/api/v1/rounds", headers=h, json={"config": config})
         assert r.status_code == 422, config

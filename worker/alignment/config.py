@@ -6,6 +6,12 @@
 from the database / API as JSON: :meth:`TrainConfig.from_dict` rejects unknown keys and
 :meth:`TrainConfig.to_dict` gives a JSON-ready dict back.
 
+The API's round config (``backend.round_config.RoundConfig``) uses these field names and
+defaults for every setting it shares (except ``warmup_steps`` -> ``lr_warmup_steps`` and
+``full_finetune`` -> ``finetune``); ``backend.round_config.train_config_kwargs`` is the one
+mapping, and ``tests/alignment/test_config_agreement.py`` checks that the two agree. Change a
+shared default in both places.
+
 β convention: this project follows Diffusion-DPO's reference code,
 ``loss = -logsigmoid(-0.5 * beta * (Δθ - Δref))`` with ``beta = 5000`` for SD1.5 and SDXL.
 diffusers' example script (``examples/research_projects/diffusion_dpo``) folds the 0.5 into β and
@@ -92,9 +98,9 @@ class TrainConfig:
     )
 
     # ---------------------------------------------------------------- optimisation
-    steps: int = field(default=2000, metadata=_doc("Optimizer steps to train for."))
+    steps: int = field(default=200, metadata=_doc("Optimizer steps to train for."))
     batch_size: int = field(
-        default=1, metadata=_doc("Preference pairs per micro-batch, per process (2x images).")
+        default=8, metadata=_doc("Preference pairs per micro-batch, per process (2x images).")
     )
     grad_accum: int = field(
         default=1,
@@ -189,6 +195,42 @@ class TrainConfig:
         default=10, metadata=_doc("Bins of the per-step histogram of sampled timesteps.")
     )
 
+    # ---------------------------------------------------------------- held-out evaluation
+    eval_every: int = field(
+        default=10,
+        metadata=_doc(
+            "Evaluate the held-out pairs every N optimizer steps (and at the last step); 0 "
+            "disables held-out evaluation."
+        ),
+    )
+    eval_timesteps: int = field(
+        default=8,
+        metadata=_doc(
+            "Fixed timesteps per held-out pair (at quantiles of the scheme's credit "
+            "distribution), each with a fixed noise draw; 1..1000."
+        ),
+    )
+    early_stopping_patience: int = field(
+        default=5,
+        metadata=_doc(
+            "Stop when the held-out loss has not improved by more than early_stopping_min_delta "
+            "for this many evaluations; 0 never stops early."
+        ),
+    )
+    early_stopping_min_delta: float = field(
+        default=1e-4,
+        metadata=_doc("The least decrease of the held-out loss that counts as an improvement."),
+    )
+    drift_budget: float | None = field(
+        default=0.5,
+        metadata=_doc(
+            "The largest allowed drift: the relative change of the policy's noise prediction "
+            "against the reference's on the held-out images at the fixed draws, "
+            "Σ‖ε_θ−ε_ref‖² / Σ‖ε−ε_ref‖². When an evaluation exceeds it, training stops and the "
+            "best checkpoint within budget is kept. None disables the budget."
+        ),
+    )
+
     # ---------------------------------------------------------------- divergence guard
     loss_spike_factor: float | None = field(
         default=4.0,
@@ -221,6 +263,14 @@ class TrainConfig:
             "about 3:1, i.e. a run bad from the start. None disables the check."
         ),
     )
+    max_steps_above_chance: int | None = field(
+        default=100,
+        metadata=_doc(
+            "Stop the run when its running mean training loss (over spike_window steps) stays "
+            "above ln 2 (chance) for this many consecutive steps: a run bad from the start. "
+            "None disables the check."
+        ),
+    )
 
     RESUMABLE_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
@@ -233,6 +283,10 @@ class TrainConfig:
             "spike_window",
             "spike_min_history",
             "max_consecutive_spikes",
+            "early_stopping_patience",
+            "early_stopping_min_delta",
+            "drift_budget",
+            "max_steps_above_chance",
         }
     )
     """Fields that may change between a checkpoint and its resumption."""
@@ -288,12 +342,19 @@ class TrainConfig:
         self._int("log_every", minimum=1)
         self._int("histogram_bins", minimum=1)
 
+        self._int("eval_every", minimum=0)
+        self._int("eval_timesteps", minimum=1, maximum=1000)
+        self._int("early_stopping_patience", minimum=0)
+        self._float("early_stopping_min_delta", minimum=0.0)
+        self._float("drift_budget", minimum=0.0, strict=True, optional=True)
+
         self._float("loss_spike_factor", minimum=1.0, strict=True, optional=True)
         self._float("winner_anchor", minimum=0.0)
         self._float("max_median_loss", minimum=math.log(2), strict=True, optional=True)
         self._int("spike_window", minimum=1)
         self._int("spike_min_history", minimum=1)
         self._int("max_consecutive_spikes", minimum=1)
+        self._int("max_steps_above_chance", minimum=1, optional=True)
         if self.spike_min_history > self.spike_window:
             raise ConfigError(
                 "spike_min_history",
@@ -313,7 +374,9 @@ class TrainConfig:
         if not isinstance(value, bool):
             raise ConfigError(name, f"must be true or false, got {value!r}")
 
-    def _int(self, name: str, minimum: int, optional: bool = False) -> None:
+    def _int(
+        self, name: str, minimum: int, maximum: int | None = None, optional: bool = False
+    ) -> None:
         value = self._value(name)
         if value is None and optional:
             return
@@ -321,6 +384,8 @@ class TrainConfig:
             raise ConfigError(name, f"must be an integer, got {value!r}")
         if value < minimum:
             raise ConfigError(name, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(name, f"must be <= {maximum}, got {value}")
 
     def _float(
         self,
