@@ -92,6 +92,7 @@ from backend.services.common import as_utc, dialect_insert
 from backend.settings import Settings
 from backend.storage import ImageStore
 from worker import model_registry
+from worker.alignment.data import split_by_prompt
 
 log = logging.getLogger(__name__)
 
@@ -374,12 +375,18 @@ class _ProgressWriter:
     pending: list[Any] = field(default_factory=list)
     last_write: float = 0.0
     last: Any = None
+    evals: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __call__(self, m: Any) -> None:
         self.pending.append(m)
         self.last = m
         if m.step >= self.total_steps or time.monotonic() - self.last_write >= PROGRESS_EVERY_S:
             self.flush()
+
+    def on_eval(self, e: Any) -> None:
+        """A held-out evaluation (``EvalMetrics``): kept for the round's ``heldout`` curve and
+        written with its step's metric row."""
+        self.evals[int(e.step)] = heldout_point(e)
 
     def summary(self) -> dict[str, Any]:
         out = dict(self.base_metrics)
@@ -390,6 +397,8 @@ class _ProgressWriter:
                 reward_margin=_finite(self.last.reward_margin),
                 lr=_finite(self.last.lr),
             )
+        if self.evals:
+            out["heldout"] = [self.evals[k] for k in sorted(self.evals)]
         return out
 
     def flush(self) -> None:
@@ -409,6 +418,7 @@ class _ProgressWriter:
                     "ref_mse": _finite(m.ref_mse),
                     "timestep_histogram": list(m.timestep_histogram),
                     "seconds": _finite(m.seconds),
+                    "heldout": self.evals.get(m.step),
                 },
                 "created_at": _now(),
             }
@@ -440,6 +450,44 @@ class _ProgressWriter:
             session.commit()
         self.pending.clear()
         self.last_write = time.monotonic()
+
+
+def heldout_point(e: Any) -> dict[str, Any]:
+    """One held-out evaluation as stored in a round's metrics (JSON-ready)."""
+    return {
+        "step": int(e.step),
+        "accuracy": _finite(e.accuracy),
+        "loss": _finite(e.loss),
+        "margin": _finite(e.margin),
+        "drift": _finite(e.drift),
+        "model_mse": _finite(e.model_mse),
+        "ref_mse": _finite(e.ref_mse),
+    }
+
+
+def candidate_verdict(result: Any, heldout_pairs: int, min_gain: float) -> str | None:
+    """Why a trained round must not produce a candidate, or None when it may.
+
+    A round with held-out pairs produces a candidate only if its best held-out evaluation
+    (the weights it wrote) beats the reference's 0.5 preference accuracy by ``min_gain``. A
+    round without held-out pairs (too few prompts to split) is not gated.
+    """
+    if heldout_pairs == 0 or not result.evals:
+        return None
+    best = result.best_eval
+    if best is None or result.best_step == 0:
+        return (
+            "no held-out evaluation improved on the parent (held-out loss never fell below "
+            "its starting ln 2): no candidate. More or clearer votes, or a lower learning rate, "
+            "may help."
+        )
+    if best.accuracy < 0.5 + min_gain:
+        return (
+            f"held-out preference accuracy {best.accuracy:.3f} (best, at step "
+            f"{result.best_step}) does not beat 0.5 by min_heldout_gain={min_gain:g}: the "
+            "round did not learn what its annotators prefer, so it produces no candidate"
+        )
+    return None
 
 
 def _finite(x: Any) -> float | None:
@@ -672,7 +720,17 @@ def _execute(
         session.rollback()
     # Images and the model load outside any transaction (SQLite write sessions lock the file).
     snapshot = load_snapshot(rows, settings)
-    trainable = len(snapshot.pairs) - (0 if cfg.include_ties else snapshot.ties)
+    # Held-out pairs, split by prompt (no prompt on both sides; the same split on a retry).
+    train_pairs, heldout = split_by_prompt(snapshot.pairs, rc.holdout_fraction, seed=rc.seed)
+    heldout = [p for p in heldout if not p.tie]
+    if rc.holdout_fraction > 0 and not heldout:
+        log.warning(
+            "round %s: too few prompts to hold out %.0f%% of the pairs; training without "
+            "held-out evaluation",
+            claim.round_id,
+            100 * rc.holdout_fraction,
+        )
+    trainable = sum(1 for p in train_pairs if cfg.include_ties or not p.tie)
     if trainable < rc.min_pairs:
         raise RoundFailed(
             f"only {trainable} training pairs in the snapshot (votes <= "
@@ -695,6 +753,7 @@ def _execute(
 
     base_metrics = {
         "pairs": trainable,
+        "heldout_pairs": len(heldout),
         "votes": snapshot.votes,
         "parent_version_id": parent_id,
         "attempt": claim.attempt,
@@ -709,13 +768,15 @@ def _execute(
         try:
             result = train(
                 backbone,
-                snapshot.pairs,
+                train_pairs,
                 cfg,
                 output_dir=out_dir,
                 progress=writer,
                 should_stop=should_stop,
                 resume=True,
                 progress_bar=False,
+                heldout=heldout,
+                on_eval=writer.on_eval,
             )
         except ResumeMismatchError as exc:
             log.warning(
@@ -723,13 +784,15 @@ def _execute(
             )
             result = train(
                 backbone,
-                snapshot.pairs,
+                train_pairs,
                 cfg,
                 output_dir=out_dir,
                 progress=writer,
                 should_stop=should_stop,
                 resume=False,
                 progress_bar=False,
+                heldout=heldout,
+                on_eval=writer.on_eval,
             )
     except TrainingCancelled:
         writer.flush()
@@ -750,13 +813,20 @@ def _execute(
     writer.flush()
     train_seconds = time.monotonic() - started
 
+    for e in result.evals:  # a resumed run's evaluations before its checkpoint too
+        writer.on_eval(e)
     metrics = writer.summary()
     metrics.update(
         steps=result.steps,
         train_seconds=round(train_seconds, 2),
         resumed_from=result.resumed_from,
         finetune=result.finetune,
+        best_step=result.best_step,
+        stop_reason=result.stop_reason,
     )
+    if result.best_eval is not None:
+        metrics["heldout_best"] = heldout_point(result.best_eval)
+    verdict = candidate_verdict(result, len(heldout), rc.min_heldout_gain)
     if not _set(
         session_factory,
         claim,
@@ -768,6 +838,21 @@ def _execute(
     ):
         raise _NotOwner("the round was cancelled or taken over before evaluation")
 
+    if verdict is not None:
+        metrics.update(candidate=False, no_candidate_reason=verdict)
+        if not _set(
+            session_factory,
+            claim,
+            (RoundStatus.evaluating,),
+            status=RoundStatus.succeeded,
+            finished_at=_now(),
+            metrics=metrics,
+        ):
+            raise _NotOwner("the round was cancelled or taken over during evaluation")
+        log.info("round %s: %s", claim.round_id, verdict)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    metrics["candidate"] = True
     if model_registry.is_builtin(parent_base) and rc.eval_prompts > 0:
         metrics.update(evaluate_against_parent(backbone, rc.eval_prompts))
     _publish_candidate(

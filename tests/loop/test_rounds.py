@@ -452,3 +452,58 @@ def test_a_corrupted_parent_adapter_fails_the_round(voted_env: Any, loop: Any) -
     rnd = _round(db, second)
     assert RoundStatus(rnd.status) == RoundStatus.failed
     assert "refusing to load it" in rnd.error and "AdapterIntegrityError" in rnd.error
+
+
+# ---------------------------------------------------------------------------- held-out votes
+def test_a_round_that_learns_nothing_held_out_says_so_and_makes_no_candidate(
+    voted_env: Any, loop: Any
+) -> None:
+    """Held-out pairs split by prompt, evaluated at steps 0, 2 and 4; a learning rate too small
+    to move anything leaves the reference (step 0) the best, so no candidate is made."""
+    settings, db, _ = voted_env()
+    round_id = loop.create_round(
+        db, holdout_fraction=0.3, learning_rate=1e-9, eval_every=2, eval_timesteps=2
+    )
+    rounds.run_round(round_id, db.write_session, settings, task_id="task-h")
+
+    rnd = _round(db, round_id)
+    assert RoundStatus(rnd.status) == RoundStatus.succeeded, rnd.error
+    assert rnd.version_id is None and _versions_of(db, round_id) == []
+    m = rnd.metrics
+    assert m["candidate"] is False
+    assert "no held-out evaluation improved" in m["no_candidate_reason"]
+    assert m["heldout_pairs"] > 0 and m["pairs"] > 0
+    assert [p["step"] for p in m["heldout"]] == [0, 2, 4]
+    assert m["heldout"][0]["accuracy"] == 0.5
+    assert m["heldout"][0]["loss"] == pytest.approx(0.693147, abs=1e-6)
+    assert m["heldout"][0]["drift"] == 0.0 and m["best_step"] == 0
+    with db.read_session() as s:
+        rows = {
+            r.step: r.extra
+            for r in s.scalars(select(RoundMetric).where(RoundMetric.round_id == round_id))
+        }
+    assert rows[2]["heldout"]["step"] == 2 and rows[1]["heldout"] is None
+    assert not (settings.models_dir / "versions" / f"round-{round_id}").exists()
+    assert not rounds.work_dir(settings, round_id).exists()
+
+
+def test_candidate_verdict_rules() -> None:
+    from types import SimpleNamespace
+
+    from worker.alignment.metrics import EvalMetrics
+
+    def result(best_step: int, acc: float) -> Any:
+        evals = [
+            EvalMetrics(0, 0.5, 0.6931, 0.0, 0.0, 1.0, 1.0, 20),
+            EvalMetrics(10, acc, 0.60, 0.1, 0.05, 1.0, 1.0, 20),
+        ]
+        best = next(e for e in evals if e.step == best_step)
+        return SimpleNamespace(evals=evals, best_step=best_step, best_eval=best)
+
+    assert rounds.candidate_verdict(result(10, 0.75), heldout_pairs=20, min_gain=0.02) is None
+    assert rounds.candidate_verdict(result(10, 0.52), heldout_pairs=20, min_gain=0.02) is None
+    low = rounds.candidate_verdict(result(10, 0.51), heldout_pairs=20, min_gain=0.02)
+    assert low is not None and "0.510" in low and "min_heldout_gain=0.02" in low
+    assert "improved" in (rounds.candidate_verdict(result(0, 0.9), 20, 0.02) or "")
+    # no held-out pairs (too few prompts to split): not gated
+    assert rounds.candidate_verdict(result(0, 0.5), heldout_pairs=0, min_gain=0.02) is None
