@@ -160,6 +160,26 @@ class VersionsPublic(BaseModel):
     count: int
 
 
+class VersionSamplePublic(BaseModel):
+    """One validation prompt: the parent's and the candidate's image, same seed."""
+
+    prompt: str
+    seed: int
+    parent_url: str
+    candidate_url: str
+
+
+class VersionSamplesPublic(BaseModel):
+    """The validation grid a round rendered for this version (and its parent, same seeds).
+    URLs are ``/api/v1/versions/{id}/samples/{filename}`` (admin bearer token)."""
+
+    version_id: int
+    parent_id: int | None
+    prompts: list[VersionSamplePublic]
+    grid_url: str | None
+    created_at: datetime | None = None
+
+
 # Rounds -------------------------------------------------------------------------------------
 
 

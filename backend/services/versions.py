@@ -12,7 +12,12 @@ leaderboard and can be published again. The serving version cannot be retired di
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -107,3 +112,141 @@ def get_or_create_external(session: Session, model_name: str) -> ModelVersion:
         session.add(version)
         session.flush()
     return version
+
+
+# ---------------------------------------------------------------------------- validation samples
+# Written by the worker (worker/validation_grid.py) beside the version's adapter, in
+# ``<models_dir>/<dirname(adapter_path)>/samples/``; only the JSON manifest is read here.
+SAMPLES_DIRNAME = "samples"
+SAMPLES_MANIFEST = "samples.json"
+SAMPLE_FILENAME = re.compile(r"(?:parent|candidate)-[0-9]{2}\.png|grid\.png", re.ASCII)
+#: A manifest larger than this is not read (a real one is a few KB).
+_MANIFEST_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    prompt: str
+    seed: int
+    parent: str
+    candidate: str
+
+
+@dataclass(frozen=True)
+class VersionSamples:
+    version_id: int
+    parent_id: int | None
+    rows: list[SampleRow]
+    grid: str | None
+    created_at: datetime | None
+
+
+def _no_samples(version_id: int) -> NotFound:
+    return NotFound(
+        f"version {version_id} has no validation samples "
+        "(it was made before rounds rendered them, or by import)"
+    )
+
+
+def samples_dir(models_dir: Path, version: ModelVersion) -> Path | None:
+    """Where ``version``'s validation samples live, or None when it has no adapter directory
+    (the base model, an import) or its adapter path points outside ``models_dir``."""
+    if not version.adapter_path or "\x00" in version.adapter_path:
+        return None
+    root = Path(models_dir).resolve()
+    rel = PurePosixPath(version.adapter_path)
+    if rel.is_absolute():
+        return None
+    path = (root / rel.parent / SAMPLES_DIRNAME).resolve()
+    if path == root or not path.is_relative_to(root):
+        return None
+    return path
+
+
+def is_sample_filename(filename: str) -> bool:
+    return SAMPLE_FILENAME.fullmatch(filename) is not None
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        with open(directory / SAMPLES_MANIFEST, "rb") as fh:
+            raw = fh.read(_MANIFEST_MAX_BYTES + 1)
+    except OSError:
+        return None
+    if len(raw) > _MANIFEST_MAX_BYTES:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _sample_rows(manifest: dict[str, Any]) -> list[SampleRow] | None:
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        return None
+    rows = []
+    for entry in files:
+        if not isinstance(entry, dict):
+            return None
+        prompt, seed = entry.get("prompt"), entry.get("seed")
+        parent, candidate = entry.get("parent"), entry.get("candidate")
+        if (
+            not isinstance(prompt, str)
+            or not isinstance(seed, int)
+            or isinstance(seed, bool)
+            or not isinstance(parent, str)
+            or not isinstance(candidate, str)
+            or not is_sample_filename(parent)
+            or not is_sample_filename(candidate)
+        ):
+            return None
+        rows.append(SampleRow(prompt, seed, parent, candidate))
+    return rows
+
+
+def _created_at(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def get_samples(session: Session, models_dir: Path, version_id: int) -> VersionSamples:
+    """The validation grid of ``version_id`` from its manifest; NotFound when the version is
+    unknown or has no (readable) samples."""
+    version = get_version(session, version_id)
+    directory = samples_dir(models_dir, version)
+    manifest = _read_manifest(directory) if directory is not None else None
+    if manifest is None:
+        raise _no_samples(version_id)
+    rows = _sample_rows(manifest)
+    if rows is None:
+        raise NotFound(f"the validation samples of version {version_id} are unreadable")
+    grid = manifest.get("grid")
+    return VersionSamples(
+        version_id=version.id,
+        parent_id=version.parent_id,
+        rows=rows,
+        grid=grid if isinstance(grid, str) and is_sample_filename(grid) else None,
+        created_at=_created_at(manifest.get("created_at")),
+    )
+
+
+def sample_file(session: Session, models_dir: Path, version_id: int, filename: str) -> Path:
+    """The path of one validation image of ``version_id``; NotFound for an unknown version,
+    a name that is not a sample's (``parent-NN.png``, ``candidate-NN.png``, ``grid.png``), or
+    a missing file."""
+    if not is_sample_filename(filename):
+        raise NotFound(f"no validation sample named {filename[:64]!r}")
+    version = get_version(session, version_id)
+    directory = samples_dir(models_dir, version)
+    if directory is None:
+        raise _no_samples(version_id)
+    path = (directory / filename).resolve()
+    if not path.is_relative_to(directory) or not path.is_file():
+        raise NotFound(f"version {version_id} has no validation sample {filename!r}")
+    return path

@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
-from backend.api.deps import AdminUser, IdPath, Limit, Offset, SessionDep
+from backend.api.deps import AdminUser, IdPath, Limit, Offset, SessionDep, StateDep
 from backend.models import VersionStatus
-from backend.schemas import VersionPublic, VersionsPublic
+from backend.schemas import (
+    Message,
+    VersionPublic,
+    VersionSamplePublic,
+    VersionSamplesPublic,
+    VersionsPublic,
+)
 from backend.services import versions as version_service
+from backend.services.errors import NotFound
 
 router = APIRouter(prefix="/versions", tags=["versions"])
 
@@ -44,3 +52,82 @@ def retire_version(version_id: IdPath, session: SessionDep, admin: AdminUser) ->
     version = version_service.retire(session, version_id)
     session.commit()
     return VersionPublic.model_validate(version)
+
+
+# A version's samples are rendered before its row exists and not rewritten afterwards, but a
+# re-render would reuse the URLs: revalidate by ETag (the content's sha256) after an hour.
+SAMPLES_CACHE_CONTROL = "private, max-age=3600"
+
+
+def _sample_url(version_id: int, filename: str) -> str:
+    return f"/api/v1/versions/{version_id}/samples/{filename}"
+
+
+@router.get(
+    "/{version_id}/samples",
+    response_model=VersionSamplesPublic,
+    responses={
+        404: {
+            "model": Message,
+            "description": "Unknown version, or a version without validation samples.",
+        }
+    },
+)
+def get_version_samples(
+    version_id: IdPath, session: SessionDep, state: StateDep, admin: AdminUser
+) -> VersionSamplesPublic:
+    """The validation grid the round that made this version rendered: each prompt drawn by
+    the parent and by this version with the same seed, and the composite ``grid.png`` (one
+    row per prompt, parent | candidate)."""
+    samples = version_service.get_samples(session, state.settings.models_dir, version_id)
+    return VersionSamplesPublic(
+        version_id=samples.version_id,
+        parent_id=samples.parent_id,
+        prompts=[
+            VersionSamplePublic(
+                prompt=row.prompt,
+                seed=row.seed,
+                parent_url=_sample_url(version_id, row.parent),
+                candidate_url=_sample_url(version_id, row.candidate),
+            )
+            for row in samples.rows
+        ],
+        grid_url=_sample_url(version_id, samples.grid) if samples.grid else None,
+        created_at=samples.created_at,
+    )
+
+
+@router.get(
+    "/{version_id}/samples/{filename}",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The PNG."},
+        304: {"description": "Not modified (If-None-Match)."},
+        404: {
+            "model": Message,
+            "description": "Unknown version, or no such sample (names: parent-NN.png, "
+            "candidate-NN.png, grid.png).",
+        },
+    },
+)
+def get_version_sample_file(
+    version_id: IdPath,
+    filename: Annotated[
+        str, Path(description="parent-NN.png, candidate-NN.png or grid.png; else 404")
+    ],
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
+    admin: AdminUser,
+) -> Response:
+    """One validation image of this version (PNG)."""
+    path = version_service.sample_file(session, state.settings.models_dir, version_id, filename)
+    try:
+        data = path.read_bytes()
+    except OSError:  # replaced or removed since it was found
+        raise NotFound(f"version {version_id} has no validation sample {filename!r}") from None
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": SAMPLES_CACHE_CONTROL}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(content=data, media_type="image/png", headers=headers)
