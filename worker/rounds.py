@@ -855,10 +855,47 @@ def _execute(
     metrics["candidate"] = True
     if model_registry.is_builtin(parent_base) and rc.eval_prompts > 0:
         metrics.update(evaluate_against_parent(backbone, rc.eval_prompts))
+    metrics["validation_samples"] = _render_samples(
+        backbone, parent_base, [p.prompt for p in heldout], settings, claim.round_id
+    )
     _publish_candidate(
         claim, session_factory, settings, result, metrics, parent_id, parent_base, auto_publish
     )
     shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _render_samples(
+    backbone: Any, base_model: str, heldout_prompts: list[str], settings: Settings, round_id: int
+) -> int:
+    """Renders the validation grid (parent | candidate, same seeds) beside the version's adapter;
+    returns how many prompts it shows. A failure is logged, never fails the round."""
+    from backend.model_family import family_of
+    from worker.validation_grid import (
+        SAMPLES_DIRNAME,
+        render_validation_grid,
+        sampler_for,
+        validation_prompts,
+        validation_seeds,
+    )
+
+    family = family_of(base_model)
+    prompts = validation_prompts(family.name if family else "", heldout_prompts)
+    if not prompts:
+        return 0
+
+    def sample_parent(p: list[str], s: list[int]) -> list[Any]:
+        with _parent_view(backbone) as parent_model:
+            return sampler_for(parent_model)(p, s)
+
+    dest = version_adapter_path(settings, version_name(round_id)).parent / SAMPLES_DIRNAME
+    try:
+        render_validation_grid(
+            sampler_for(backbone), sample_parent, prompts, validation_seeds(len(prompts)), dest
+        )
+    except Exception:  # noqa: BLE001 - the images are for people; the round stands without them
+        log.exception("round %s: validation samples failed", round_id)
+        return 0
+    return len(prompts)
 
 
 def _publish_candidate(

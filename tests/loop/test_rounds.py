@@ -138,6 +138,16 @@ def test_round_goes_queued_running_evaluating_succeeded(
     assert version.adapter_path == f"versions/round-{round_id}/adapter.safetensors"
     adapter = settings.models_dir / version.adapter_path
     assert hashlib.sha256(adapter.read_bytes()).hexdigest() == version.adapter_sha256
+
+    # The validation grid: parent | candidate on fixed prompts and seeds, beside the adapter.
+    import json
+
+    samples = adapter.parent / "samples"
+    manifest = json.loads((samples / "samples.json").read_text())
+    assert m["validation_samples"] == len(manifest["files"]) > 0
+    for f in manifest["files"]:
+        assert (samples / f["parent"]).is_file() and (samples / f["candidate"]).is_file()
+    assert (samples / "grid.png").is_file()
     assert version.metrics["judge_new"] == m["judge_new"]
     assert not rounds.work_dir(settings, round_id).exists()
 
