@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 # Set TORCH_INDEX_URL to a CUDA wheel index on a GPU host (see README, "GPU hosts").
 TORCH_INDEX_URL ?=
 TORCH_SPEC := torch==2.13.0
+# The demo annotators' taste, e.g. TASTE=fidelity:1,warmth:1 (empty: worker.shapes.tastes.DEMO_MIX).
+TASTE ?=
 
 export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
@@ -33,7 +35,7 @@ services: ## start PostgreSQL and Redis if they are down (this project's machine
 	@bash scripts/services.sh
 
 demo: setup ## run the whole loop locally: SQLite, embedded broker, built-in model
-	$(BIN)/python -m worker.demo
+	$(BIN)/python -m worker.demo $(if $(TASTE),--taste "$(TASTE)")
 
 serve: setup
 	$(BIN)/prefloop serve

@@ -9,7 +9,9 @@ and the built-in model ``builtin:shapes``. The demo:
    child process logging to ``<data dir>/logs/``; and asks for a first pool refill at once;
 3. waits for ``/healthz``, prints the URL and the admin account;
 4. runs a few simulated annotators (:mod:`worker.simulated_annotator`) that vote through the
-   public API, guided by the world's judge with some label noise, until ``--votes`` votes are in;
+   public API, guided by their taste (``--taste``, default
+   :data:`worker.shapes.tastes.DEMO_MIX`: the world's judge mixed with a liking for brighter
+   images) with some label noise, until ``--votes`` votes are in;
 5. starts a training round through the API as admin (``POST /api/v1/rounds``, a few steps sized
    for a CPU), follows it with a progress bar, and publishes the new version through the API
    when the judge scored it above its parent;
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from worker.shapes.tastes import DEMO_MIX, TasteMix, available_tastes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HEALTH_TIMEOUT_S = 180.0
@@ -213,9 +217,15 @@ class Api:
 
 
 def run_annotators(
-    url: str, votes: int, annotators: int, noise: float, max_seconds: float
+    url: str,
+    votes: int,
+    annotators: int,
+    noise: float,
+    max_seconds: float,
+    taste: TasteMix | None = None,
 ) -> dict[str, int]:
-    """Simulated annotators voting in parallel until ``votes`` votes are in."""
+    """Simulated annotators voting in parallel until ``votes`` votes are in; ``taste`` (a
+    :class:`~worker.shapes.tastes.TasteMix`, default: the judge alone) is what they prefer."""
     from worker.simulated_annotator import SimulatedAnnotator
 
     share = [votes // annotators + (1 if i < votes % annotators else 0) for i in range(annotators)]
@@ -225,7 +235,12 @@ def run_annotators(
 
     def one(i: int) -> None:
         ann = SimulatedAnnotator(
-            url, f"sim-annotator-{i}", f"sim-annotator-{i}-password", noise=noise, seed=i
+            url,
+            f"sim-annotator-{i}",
+            f"sim-annotator-{i}-password",
+            taste=taste,
+            noise=noise,
+            seed=i,
         )
         try:
             stats = ann.run(share[i], max_seconds=max_seconds)
@@ -282,6 +297,15 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 # ---------------------------------------------------------------------------- main
+def _taste_arg(spec: str) -> str:
+    """``--taste``: checked here (``TasteMix.parse`` names a bad part), parsed with the noise."""
+    try:
+        TasteMix.parse(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m worker.demo",
@@ -303,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--annotators", type=int, default=3, help="simulated annotators")
     p.add_argument("--votes", type=int, default=150, help="votes to collect before training")
     p.add_argument("--noise", type=float, default=0.1, help="annotators' label noise")
+    p.add_argument(
+        "--taste",
+        type=_taste_arg,
+        default=DEMO_MIX,
+        help="annotators' taste: weighted tastes, e.g. 'fidelity:1,brightness:0.5' "
+        f"(tastes: {', '.join(available_tastes())})",
+    )
     p.add_argument("--steps", type=int, default=100, help="training steps of the round")
     p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts judged")
     p.add_argument("--vote-timeout", type=float, default=900.0, help="seconds to collect votes")
@@ -314,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.annotators < 1 or a.votes < 1 or a.steps < 1:
         p.error("--annotators, --votes and --steps must be at least 1")
+    try:
+        a.taste = TasteMix.parse(a.taste, noise=a.noise)
+    except ValueError as exc:
+        p.error(f"--noise: {exc}")
 
     if not port_is_free(a.port):
         print(f"port {a.port} is in use: stop what runs there or pass --port", file=sys.stderr)
@@ -408,10 +443,11 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
             f"{a.annotators} simulated annotators are voting ({a.votes} votes, label noise "
             f"{a.noise}); the first pairs appear once the worker has sampled them..."
         )
+        print(f"annotators' taste: {a.taste.describe()}")
         started = time.monotonic()
         ready = wait_for_pairs(settings, children, a.vote_timeout)
         print(f"{ready} pairs ready after {time.monotonic() - started:.0f} s")
-        votes = run_annotators(url, a.votes, a.annotators, a.noise, a.vote_timeout)
+        votes = run_annotators(url, a.votes, a.annotators, a.noise, a.vote_timeout, a.taste)
         print(
             f"collected {votes.get('votes', 0)} votes in {time.monotonic() - started:.0f} s: "
             + ", ".join(f"{k}={v}" for k, v in sorted(votes.items()) if k != "votes")

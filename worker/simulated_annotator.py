@@ -1,14 +1,19 @@
-"""A simulated annotator: votes through the public HTTP API like a person, guided by the judge.
+"""A simulated annotator: votes through the public HTTP API like a person, guided by its taste.
 
 It signs in (registering first when open sign-up is on), asks ``GET /api/v1/pairs/next``,
-downloads both images, asks the built-in world's programmatic judge which one matches the
-prompt better, flips that answer with probability ``noise`` (label noise), and posts the vote
-with a ``client_vote_id`` so that a retried request counts once. It knows nothing of the
-database or of model versions: only the v1 contract in docs/product.md.
+downloads both images, and picks the one its *taste* prefers: a weighted mix of the built-in
+world's programmatic judge (``fidelity``: which image matches the prompt better) and tastes with
+one shared direction (brighter, larger, more centred, warmer; :mod:`worker.shapes.tastes`). It
+flips that answer with probability ``noise`` (label noise), and posts the vote with a
+``client_vote_id`` so that a retried request counts once. It knows nothing of the database or of
+model versions: only the v1 contract in docs/product.md.
 
 Used by ``make demo``, the end-to-end tests and the benchmarks::
 
     python -m worker.simulated_annotator --url http://127.0.0.1:8000 --votes 200 --noise 0.1
+    python -m worker.simulated_annotator --taste "fidelity:1,brightness:0.5" --noise 0.1
+
+The default taste is ``fidelity`` alone: the judge's choice.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 from PIL import Image
+
+from worker.shapes.tastes import FIDELITY_ONLY, TasteMix, available_tastes
 
 log = logging.getLogger("prefloop.simulated_annotator")
 
@@ -46,7 +53,9 @@ class SimulatedAnnotator:
         base_url: the server root, e.g. ``http://127.0.0.1:8000``.
         username, password: the account; registered first when ``register`` is true and the
             login fails (open sign-up is on by default in local mode).
-        noise: probability of flipping the judge's choice (left <-> right).
+        taste: what the annotator prefers (default: ``fidelity`` alone, the judge's choice).
+        noise: probability of flipping a decisive choice (left <-> right); when given, it
+            replaces ``taste.noise``; without a taste it defaults to 0.1.
         seed: seeds the noise, so a run is reproducible given the pairs served.
     """
 
@@ -56,16 +65,20 @@ class SimulatedAnnotator:
         username: str,
         password: str,
         *,
-        noise: float = 0.1,
+        taste: TasteMix | None = None,
+        noise: float | None = None,
         seed: int = 0,
         register: bool = True,
         timeout: float = 30.0,
     ) -> None:
-        if not 0.0 <= noise <= 1.0:
-            raise ValueError(f"noise must be in [0, 1], got {noise}")
+        if taste is None:
+            taste = TasteMix.parse(FIDELITY_ONLY, noise=0.1 if noise is None else noise)
+        elif noise is not None:
+            taste = TasteMix(taste.weights, noise=noise, tie_margin=taste.tie_margin)
+        self.taste = taste
         self.api = base_url.rstrip("/") + "/api/v1"
         self.username, self.password = username, password
-        self.noise, self.register = noise, register
+        self.noise, self.register = taste.noise, register
         self.rng = np.random.default_rng(seed)
         self.client = httpx.Client(timeout=timeout)
         self.stats = AnnotatorStats()
@@ -101,13 +114,8 @@ class SimulatedAnnotator:
         return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
 
     def choose(self, left: np.ndarray, right: np.ndarray, prompt: str) -> str:
-        """The judge's choice for (left, right), with label noise applied."""
-        from worker.shapes.judge import prefer
-
-        pick = CHOICE_FOR[prefer(left, right, prompt)]
-        if pick in ("left", "right") and self.rng.random() < self.noise:
-            pick = "right" if pick == "left" else "left"
-        return pick
+        """The taste's choice for (left, right), with label noise applied."""
+        return CHOICE_FOR[self.taste.prefer(left, right, prompt, self.rng)]
 
     def step(self) -> str | None:
         """Ask for a pair and vote on it. Returns the choice, or None when no pair was ready."""
@@ -163,12 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--username", default="sim-annotator")
     p.add_argument("--password", default="sim-annotator-password")
     p.add_argument("--votes", type=int, default=100)
-    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--noise", type=float, default=0.1, help="label noise (default 0.1)")
+    p.add_argument(
+        "--taste",
+        default=FIDELITY_ONLY,
+        help="weighted tastes, e.g. 'fidelity:1,brightness:0.5' (a bare name weighs 1); "
+        f"tastes: {', '.join(available_tastes())} (default: {FIDELITY_ONLY})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=600)
     a = p.parse_args(argv)
+    try:
+        taste = TasteMix.parse(a.taste, noise=a.noise)
+    except ValueError as exc:
+        p.error(f"--taste/--noise: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    ann = SimulatedAnnotator(a.url, a.username, a.password, noise=a.noise, seed=a.seed)
+    log.info("taste: %s", taste.describe())
+    ann = SimulatedAnnotator(a.url, a.username, a.password, taste=taste, seed=a.seed)
     try:
         stats = ann.run(a.votes, max_seconds=a.max_seconds)
     finally:
