@@ -21,7 +21,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from backend.model_family import FAMILIES, family_of
 
 Scheme = Literal["dde", "uniform", "dde-stepwise", "dde-single-shot"]
-TimestepMode = Literal["importance", "weighted"]
+TimestepMode = Literal["importance", "weighted", "importance-corrected"]
 
 #: RoundConfig fields that only the round (worker.rounds) reads; the trainer has no such field.
 ROUND_ONLY_FIELDS: frozenset[str] = frozenset(
@@ -67,7 +67,10 @@ class RoundConfig(BaseModel):
         "(Diffusion-DPO's uniform timesteps), dde-stepwise, dde-single-shot.",
     )
     timestep_mode: TimestepMode = Field(
-        "importance", description="Sample timesteps by credit (importance) or weight the loss."
+        "importance",
+        description="How the credit W(k) enters: importance (draw k by credit, one β), "
+        "weighted (k uniform, W(k) scales the logit inside the log-sigmoid), "
+        "importance-corrected (k by credit, W(k) inside, loss / W(k): weighted's objective).",
     )
     beta: float = Field(
         5000.0,
@@ -137,7 +140,7 @@ class RoundConfig(BaseModel):
         "step); 0 disables held-out evaluation.",
     )
     eval_timesteps: int = Field(
-        8,
+        4,
         ge=1,
         le=1000,
         description="Fixed timesteps per held-out pair (at quantiles of the scheme's credit "

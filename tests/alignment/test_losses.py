@@ -266,3 +266,53 @@ def test_winner_anchor_gradient_pulls_the_winner_error_down_harder():
 def test_winner_anchor_is_validated():
     with pytest.raises(ValueError, match="winner_anchor"):
         preference_loss(t(1.0), t(1.0), t(1.0), t(1.0), beta=1.0, winner_anchor=-0.1)
+
+
+def test_loss_scale_multiplies_each_pairs_loss_outside_the_sigmoid():
+    one = torch.tensor([1.0])
+    out = preference_loss(
+        one, 2 * one, 1.5 * one, 1.5 * one, beta=2.0, loss_scale=torch.tensor([0.5])
+    )
+    assert out.loss.item() == pytest.approx(0.5 * 0.313262, abs=1e-6)  # -log σ(1) / 2
+    with pytest.raises(ValueError, match="loss_scale"):
+        preference_loss(one, one, one, one, beta=1.0, loss_scale=torch.ones(2))
+
+
+def test_importance_corrected_has_weighteds_objective_and_importance_does_not():
+    """Exact expectations over k on a small schedule, for a policy that has moved (Δ_k != 0):
+    importance-corrected's E_p[(1/W) f(W Δ)] equals weighted's (1/T) Σ f(W Δ); importance's
+    E_p[f(Δ)] is another objective."""
+    from worker.alignment.credit import TimestepSampler
+
+    abar = torch.tensor([0.99, 0.9, 0.6, 0.3, 0.1, 0.02], dtype=torch.float64)
+    delta = torch.tensor([0.3, -0.5, -1.0, 0.2, -0.4, 0.6], dtype=torch.float64)  # D^w - D^l
+    beta = 2.0
+    W = TimestepSampler("dde", abar, mode="weighted").weights
+    p = W / W.sum()
+
+    def f(z: torch.Tensor) -> torch.Tensor:  # the per-pair loss of logit -β/2 z
+        return -torch.nn.functional.logsigmoid(-0.5 * beta * z)
+
+    weighted = f(W * delta).mean()
+    corrected = (p * f(W * delta) / W).sum()
+    importance = (p * f(delta)).sum()
+    assert corrected.item() == pytest.approx(weighted.item(), rel=1e-12)
+    assert abs(importance.item() - weighted.item()) > 1e-3
+
+    # and the code path: the sampler hands W(k) for the drawn k, the trainer divides by it
+    s = TimestepSampler("dde", abar, mode="importance-corrected")
+    ks, ws = s.sample(64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ws, W[ks].float())
+    assert (W[ks] > 0).all()
+    k = int(ks[0])
+    m_w = torch.tensor([1.0 + float(delta[k])])
+    out = preference_loss(
+        m_w,
+        torch.tensor([1.0]),
+        torch.tensor([1.0]),
+        torch.tensor([1.0]),
+        beta=beta,
+        weights=ws[:1],
+        loss_scale=1.0 / ws[:1],
+    )
+    assert out.loss.item() == pytest.approx((f(W[k] * delta[k]) / W[k]).item(), rel=1e-5)

@@ -200,7 +200,7 @@ def test_new_settings_are_validated(field, bad):
 
 def test_new_settings_defaults_and_off_values():
     rc = RoundConfig()
-    assert (rc.eval_every, rc.eval_timesteps, rc.early_stopping_patience) == (10, 8, 5)
+    assert (rc.eval_every, rc.eval_timesteps, rc.early_stopping_patience) == (10, 4, 5)
     assert (rc.early_stopping_min_delta, rc.drift_budget, rc.max_steps_above_chance) == (
         1e-4,
         0.5,

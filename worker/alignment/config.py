@@ -58,7 +58,10 @@ class TrainConfig:
         default="importance",
         metadata=_doc(
             "'importance': draw timestep k with probability W(k)/T and weight 1 (Diffusion-DPO's "
-            "cost); 'weighted': draw k uniformly and weight the pair's loss by W(k)."
+            "cost); 'weighted': draw k uniformly and weight the pair's logit by W(k) (inside the "
+            "log-sigmoid); 'importance-corrected': draw k by credit, W(k) inside the "
+            "log-sigmoid and the loss divided by W(k): weighted's objective with importance's "
+            "draws (worker.alignment.credit.TimestepSampler)."
         ),
     )
     tau_center: float | None = field(
@@ -204,7 +207,7 @@ class TrainConfig:
         ),
     )
     eval_timesteps: int = field(
-        default=8,
+        default=4,
         metadata=_doc(
             "Fixed timesteps per held-out pair (at quantiles of the scheme's credit "
             "distribution), each with a fixed noise draw; 1..1000."
@@ -300,7 +303,7 @@ class TrainConfig:
 
         schemes = available_schemes()
         self._str("scheme", schemes)
-        self._str("timestep_mode", ("importance", "weighted"))
+        self._str("timestep_mode", ("importance", "weighted", "importance-corrected"))
         self._float("tau_center", minimum=0.0, optional=True)
         self._float("tau_halfwidth", minimum=0.0, optional=True)
         self._float("beta", minimum=0.0, strict=True)

@@ -50,6 +50,7 @@ __all__ = [
     "CreditParams",
     "CreditScheme",
     "CreditSummary",
+    "SAMPLING_MODES",
     "SamplingMode",
     "TimestepSampler",
     "UnknownCreditSchemeError",
@@ -73,7 +74,9 @@ DEFAULT_TAU_HALFWIDTH_FRACTION = 0.1
 
 _BAND_EPS = 1e-9  # so that a band edge like 400.0000000001 still includes τ = 400
 
-SamplingMode = Literal["importance", "weighted"]
+SamplingMode = Literal["importance", "weighted", "importance-corrected"]
+#: The timestep modes (:class:`TimestepSampler`).
+SAMPLING_MODES: tuple[str, ...] = ("importance", "weighted", "importance-corrected")
 ScheduleLike = np.ndarray | torch.Tensor | Sequence[float]
 
 
@@ -412,10 +415,17 @@ class TimestepSampler:
 
     - ``"importance"`` (the default in docs/dde.md): timestep i with probability p(i) = W(i) / T,
       weight 1. One UNet evaluation per image and per network, Diffusion-DPO's cost.
-    - ``"weighted"``: timestep i uniform on 0..T-1, weight W(i) (mean-1 normalised).
+    - ``"weighted"``: timestep i uniform on 0..T-1, weight W(i) (mean-1 normalised), applied
+      *inside* the log-sigmoid (docs/dde.md: ``-log σ(-(β/2) w (D^w - D^l))``).
+    - ``"importance-corrected"``: timestep i with probability p(i) (as ``"importance"``), weight
+      W(i) inside the log-sigmoid, and the pair's loss scaled by 1 / W(i) outside it. Its
+      expected loss is exactly ``"weighted"``'s, ``E_p[(1/W) f(W Δ)] = (1/T) Σ_k f(W_k Δ_k)``,
+      with importance sampling's timesteps.
 
-    Both give the same expected loss gradient; importance sampling has the lower variance when W
-    is far from flat.
+    ``"importance"`` and ``"weighted"`` are *not* the same objective once the policy moves:
+    importance keeps one β and only changes where timesteps fall (its expected loss is
+    ``(1/T) Σ_k W_k f(Δ_k)``, W outside), while weighted scales β by W(k) (W inside). Their
+    gradients agree only at the reference, where f is linear in Δ to first order.
 
     Attributes:
         scheme: the scheme's name (or the function's ``__name__``).
@@ -432,8 +442,8 @@ class TimestepSampler:
         mode: SamplingMode = "importance",
         params: CreditParams | None = None,
     ) -> None:
-        if mode not in ("importance", "weighted"):
-            raise ValueError(f"mode must be 'importance' or 'weighted', got {mode!r}")
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"mode must be one of {list(SAMPLING_MODES)}, got {mode!r}")
         self.scheme = scheme if isinstance(scheme, str) else getattr(scheme, "__name__", "custom")
         self.mode: SamplingMode = mode
         self.params = params or CreditParams()
@@ -457,17 +467,22 @@ class TimestepSampler:
 
         Returns:
             ``(timesteps, weights)``: ``[B]`` int64 diffusers indices in 0..T-1 and ``[B]``
-            float32 loss weights (all 1 in ``"importance"`` mode).
+            float32 credit weights W(k) of the drawn timesteps (all 1 in ``"importance"``
+            mode; the trainer puts them inside the log-sigmoid, and for
+            ``"importance-corrected"`` also divides the pair's loss by them).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         draw_device = generator.device if generator is not None else torch.device("cpu")
         out_device = torch.device(device) if device is not None else torch.device("cpu")
-        if self.mode == "importance":
+        if self.mode in ("importance", "importance-corrected"):
             timesteps = torch.multinomial(
                 self.probs.to(draw_device), batch_size, replacement=True, generator=generator
             )
-            weights = torch.ones(batch_size, dtype=torch.float32)
+            if self.mode == "importance":
+                weights = torch.ones(batch_size, dtype=torch.float32)
+            else:
+                weights = self.weights[timesteps.cpu()].to(torch.float32)
         else:
             timesteps = torch.randint(
                 0, self.num_timesteps, (batch_size,), generator=generator, device=draw_device

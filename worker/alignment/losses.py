@@ -131,6 +131,7 @@ def preference_loss(
     beta: float,
     weights: torch.Tensor | None = None,
     winner_anchor: float = 0.0,
+    loss_scale: torch.Tensor | None = None,
 ) -> PreferenceLossOutput:
     """Diffusion-DPO / DDE preference loss, per sample first, then the batch mean.
 
@@ -148,6 +149,8 @@ def preference_loss(
             loss also rises when the model denoises the *winner* worse than the reference does.
             Plain DPO only sees the difference D^w - D^l and can lower it by making both
             images worse ("likelihood displacement"); 0 (the default) is plain DPO.
+        loss_scale: ``[B]`` factors on each pair's loss, outside the log-sigmoid (``1 / W`` in
+            the ``"importance-corrected"`` timestep mode), or ``None`` for 1.
 
     Returns:
         :class:`PreferenceLossOutput` with ``loss = mean_i -logsigmoid(-(β/2) w_i
@@ -183,6 +186,12 @@ def preference_loss(
     if weights is not None:
         logits = logits * weights.to(device=logits.device, dtype=dtype)
     per_sample = -F.logsigmoid(logits)
+    if loss_scale is not None:
+        if loss_scale.shape != shape:
+            raise ValueError(
+                f"loss_scale must be [B] = {tuple(shape)}, got {tuple(loss_scale.shape)}"
+            )
+        per_sample = per_sample * loss_scale.to(device=per_sample.device, dtype=dtype)
 
     with torch.no_grad():
         implicit_acc = (d_w < d_l).to(dtype).mean()
@@ -208,6 +217,7 @@ def pair_losses(
     weights: torch.Tensor | None = None,
     ties: torch.Tensor | None = None,
     winner_anchor: float = 0.0,
+    loss_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PreferenceLossOutput]:
     """The loss of a micro-batch of B pairs from the per-sample errors on [winners; losers].
 
@@ -221,6 +231,7 @@ def pair_losses(
             are equal; decided pairs get ``-log σ(z)``.
         winner_anchor: DPO-Positive's λ (:func:`preference_loss`); for a tie it anchors each
             image in its own ordering.
+        loss_scale: ``[B]`` factors on each pair's loss (:func:`preference_loss`).
 
     Returns:
         ``(loss, output)``: the scalar loss to backpropagate (mean over pairs) and the
@@ -239,6 +250,7 @@ def pair_losses(
         beta=beta,
         weights=weights,
         winner_anchor=winner_anchor,
+        loss_scale=loss_scale,
     )
     if ties is None or not bool(ties.any()):
         return out.loss, out
@@ -250,6 +262,7 @@ def pair_losses(
         beta=beta,
         weights=weights,
         winner_anchor=winner_anchor,
+        loss_scale=loss_scale,
     )
     ties = ties.to(device=out.per_sample_loss.device, dtype=torch.bool)
     per = torch.where(

@@ -438,7 +438,8 @@ class _Trainer:
             model_err,
             ref_err,
             beta=cfg.beta,
-            weights=weights if cfg.timestep_mode == "weighted" else None,
+            weights=weights if cfg.timestep_mode != "importance" else None,
+            loss_scale=1.0 / weights if cfg.timestep_mode == "importance-corrected" else None,
             ties=batch["tie"].to(device),
             winner_anchor=cfg.winner_anchor,
         )
