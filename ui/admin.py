@@ -78,6 +78,8 @@ USER_COLUMNS = (
     "outlier",
 )
 CURVE_SERIES = ("loss", "implicit_acc", "reward_margin")
+#: Held-out evaluations (fixed timesteps and noise), stored in a metric row's ``extra``.
+HELDOUT_SERIES = {"accuracy": "heldout_acc", "loss": "heldout_loss", "drift": "drift"}
 
 PROMPT_CONTENT_TYPES = {
     ".csv": "text/csv",
@@ -116,12 +118,20 @@ class AdminActions:
     def curve(self, token: str, round_id: str) -> pd.DataFrame:
         """The round's logged steps in long form (step, value, series) for a line plot."""
         rid = _require_id(round_id, "round")
+        metrics = self.client.round_metrics(token, rid)
         rows = [
             {"step": int(m["step"]), "value": float(m[name]), "series": name}
-            for m in self.client.round_metrics(token, rid)
+            for m in metrics
             for name in CURVE_SERIES
             if isinstance(m.get(name), (int, float)) and "step" in m
         ]
+        for m in metrics:  # the held-out curve, where the round evaluated
+            heldout = (m.get("extra") or {}).get("heldout") or {}
+            rows += [
+                {"step": int(m["step"]), "value": float(heldout[key]), "series": series}
+                for key, series in HELDOUT_SERIES.items()
+                if isinstance(heldout.get(key), (int, float)) and "step" in m
+            ]
         return pd.DataFrame(rows, columns=["step", "value", "series"])
 
     def start_round(self, token: str, config_text: str) -> str:

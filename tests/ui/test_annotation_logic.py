@@ -312,3 +312,30 @@ def test_admin_round_config_is_checked_before_any_request(tmp_path: Path) -> Non
     assert json.loads(calls[0]) == {"config": {"steps": 3}}
     with pytest.raises(ValueError, match="round id"):
         actions.cancel_round("t", "../etc")
+
+
+def test_admin_curve_includes_the_heldout_series(tmp_path: Path) -> None:
+    from ui.admin import AdminActions
+
+    rows = [
+        {"step": 1, "loss": 0.69, "implicit_acc": 0.5, "reward_margin": 0.0, "extra": {}},
+        {
+            "step": 2,
+            "loss": 0.66,
+            "implicit_acc": 0.6,
+            "reward_margin": 0.1,
+            "extra": {"heldout": {"step": 2, "accuracy": 0.58, "loss": 0.68, "drift": 0.03}},
+        },
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": rows})
+
+    actions = AdminActions(
+        PrefloopClient("http://api.test", transport=httpx.MockTransport(handler)), tmp_path
+    )
+    df = actions.curve("t", "3")
+    got = {(r.series, r.step): r.value for r in df.itertuples()}
+    assert got[("heldout_acc", 2)] == 0.58 and got[("drift", 2)] == 0.03
+    assert got[("heldout_loss", 2)] == 0.68 and ("heldout_acc", 1) not in got
+    assert got[("loss", 1)] == 0.69 and len(df) == 3 * 2 + 3
