@@ -87,6 +87,34 @@ class PairKind(enum.StrEnum):
     within_version = "within_version"
     cross_version = "cross_version"
     gold = "gold"
+    #: A blind A/B pair of a version under test against its parent (``Pair.ab_test_id``):
+    #: never training data, never a within-version pair.
+    ab = "ab"
+
+
+class ABPhase(enum.StrEnum):
+    """Which comparison an A/B test is: the gate before a candidate serves, or the live
+    monitor of a published version."""
+
+    gate = "gate"
+    live = "live"
+
+
+class ABState(enum.StrEnum):
+    """Where an A/B test stands. ``open`` until the first decision, which is final.
+
+    Gate: ``promote`` / ``reject`` / ``inconclusive`` (the sequential test's own states,
+    ``backend.ab_test.decide``), or ``overridden`` (an admin published or rejected the
+    candidate first, or it stopped being a candidate). Live: ``rollback`` (significantly worse
+    than its parent: rolled back) or ``closed`` (it stopped serving for another reason)."""
+
+    open = "open"
+    promote = "promote"
+    reject = "reject"
+    inconclusive = "inconclusive"
+    overridden = "overridden"
+    rollback = "rollback"
+    closed = "closed"
 
 
 class GoldAnswer(enum.StrEnum):
@@ -191,6 +219,36 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ABTest(Base):
+    """One blind comparison of a version with its parent (``docs/publishing.md``).
+
+    The tally while open is read from the votes on its pairs (``Pair.ab_test_id``); the
+    columns ``wins`` / ``losses`` / ``ties`` hold the tally the decision was made on, frozen
+    with ``state`` at the first non-open state (later votes never change it)."""
+
+    __tablename__ = "ab_tests"
+    __table_args__ = (UniqueConstraint("version_id", "phase"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    phase: Mapped[ABPhase] = mapped_column(_enum(ABPhase, "ab_phase"))
+    state: Mapped[ABState] = mapped_column(_enum(ABState, "ab_state"), default=ABState.open)
+    policy: Mapped[str] = mapped_column(String(16), doc="human | metric | manual, at opening.")
+    settings: Mapped[dict[str, Any]] = mapped_column(
+        default=dict, doc="alpha, min_effect, budget, power: fixed when the test opens."
+    )
+    wins: Mapped[int] = mapped_column(Integer, default=0)
+    losses: Mapped[int] = mapped_column(Integer, default=0)
+    ties: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    action: Mapped[str | None] = mapped_column(
+        String(32), doc="What followed the decision: published, retired, rolled_back, none."
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column()
+
+
 class Pair(Base):
     __tablename__ = "pairs"
     __table_args__ = (Index("ix_pairs_pick", "active", "kind", "rand_key"),)
@@ -202,6 +260,9 @@ class Pair(Base):
     image_b_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     gold_answer: Mapped[GoldAnswer | None] = mapped_column(_enum(GoldAnswer, "gold_answer"))
     source: Mapped[str] = mapped_column(String(32), default="pool", doc="pool | import")
+    ab_test_id: Mapped[int | None] = mapped_column(
+        ForeignKey("ab_tests.id"), index=True, doc="The A/B test of an ``ab`` pair."
+    )
     active: Mapped[bool] = mapped_column(Boolean, default=True, doc="Still served.")
     rand_key: Mapped[float] = mapped_column(Float, doc="Uniform in [0,1): random pick order.")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

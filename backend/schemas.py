@@ -160,6 +160,79 @@ class VersionsPublic(BaseModel):
     count: int
 
 
+class VersionActionPublic(VersionPublic):
+    """A version after publish / retire / reject / rollback, with what happened in words."""
+
+    message: str = Field(description="What the action did.")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="Side effects: an open A/B gate closed as 'overridden', a live A/B test "
+        "opened or closed.",
+    )
+
+
+class VersionReject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(None, max_length=2000)
+
+
+class VersionRollback(VersionReject):
+    pass
+
+
+class ABTestPublic(BaseModel):
+    """One A/B test of a version against its parent."""
+
+    test_id: int
+    phase: Literal["gate", "live"] = Field(
+        description="gate: a candidate before it serves; live: the published version."
+    )
+    state: Literal[
+        "open", "promote", "reject", "inconclusive", "overridden", "rollback", "closed"
+    ] = Field(description="open until the first decision, which is final.")
+    parent_id: int
+    policy: str = Field(description="The publish policy when the test opened.")
+    battles: int = Field(description="Votes counted: wins + losses + ties (both-bad, skip not).")
+    wins: int
+    losses: int
+    ties: int
+    win_rate: float | None = Field(description="(wins + ties / 2) / battles; null before a vote.")
+    interval: list[float] = Field(description="95% Wilson interval of the win rate (display).")
+    budget: int | None = Field(description="gate: votes after which it is inconclusive.")
+    votes_left: int | None = Field(description="gate: votes left in the budget (0 once decided).")
+    reason: str
+    action: str | None = Field(description="published, retired, rolled_back, none; null if open.")
+    settings: dict[str, Any]
+    opened_at: datetime
+    decided_at: datetime | None
+    votes_after_decision: int = Field(
+        description="Votes that arrived after the decision (pairs served before it): not counted."
+    )
+    log_lr: float | None = None
+    promote_at: float | None = None
+    reject_at: float | None = None
+    log_evalue: float | None = None
+    rollback_at: float | None = None
+
+
+class VersionABPublic(BaseModel):
+    """``GET /versions/{id}/ab``: the version's blind A/B tests against its parent."""
+
+    version_id: int
+    name: str
+    parent_id: int | None
+    status: VersionStatus
+    candidate: bool
+    policy: str = Field(description="The publish policy in force: human, metric or manual.")
+    state: str = Field(description="The gate's state, or 'none' when the version has no gate.")
+    gate: ABTestPublic | None
+    live: ABTestPublic | None
+    metric: dict[str, Any] | None = Field(
+        description="The metric policy's verdict (judge delta, 95% interval, margin), when the "
+        "version has the metric."
+    )
+
+
 class VersionSamplePublic(BaseModel):
     """One validation prompt: the parent's and the candidate's image, same seed."""
 
@@ -244,6 +317,7 @@ class LeaderboardEntry(BaseModel):
     version_id: int
     name: str
     status: str
+    candidate: bool = Field(False, description="A candidate: not serving, under A/B.")
     score: float
     ci_low: float
     ci_high: float
@@ -254,8 +328,19 @@ class LeaderboardEntry(BaseModel):
     win_rate: float
 
 
+class WinRateEntry(BaseModel):
+    version_id: int
+    opponent_id: int
+    win_rate: float = Field(description="Share of their battles version_id won (ties half).")
+    battles: int
+
+
 class LeaderboardPublic(BaseModel):
     data: list[LeaderboardEntry]
+    win_rates: list[WinRateEntry] = Field(
+        default_factory=list,
+        description="Head-to-head win rates for every ordered pair of versions that met.",
+    )
 
 
 class MyStats(BaseModel):

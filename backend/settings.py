@@ -21,8 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backend.ab_test import ABSettings
 
 ENV_PREFIX = "PREFLOOP_"
 
@@ -82,7 +84,47 @@ class Settings(BaseSettings):
     )
     auto_publish: bool = Field(
         False,
-        description="Publish a round's version when the built-in judge scores it above its parent.",
+        description="Legacy switch: true means publish_policy 'metric' (the judge decides, "
+        "with a margin and an interval).",
+    )
+
+    # Publishing: the A/B gate and the policy that acts on it (docs/publishing.md)
+    publish_policy: Literal["human", "metric", "manual"] | None = Field(
+        None,
+        description="human: the blind A/B gate publishes on promote and retires on reject; "
+        "metric: the round's automatic metric decides (lower end of its 95% interval above "
+        "metric_margin); manual: an admin decides. Unset: metric when auto_publish, else human.",
+    )
+    metric_margin: float = Field(
+        0.0,
+        ge=-1.0,
+        le=1.0,
+        description="metric policy: publish when the lower end of the 95% interval of the "
+        "judge's score difference (candidate - parent) is above this.",
+    )
+    ab_alpha: float = Field(
+        0.05, gt=0.0, lt=1.0, description="A/B gate: false-promotion (and false-rollback) rate."
+    )
+    ab_min_effect: float = Field(
+        0.1, gt=0.0, lt=0.5, description="A/B gate: δ; powered against a win rate of 1/2 + δ."
+    )
+    ab_budget: int = Field(
+        400, ge=1, le=1_000_000, description="A/B gate: votes after which it is inconclusive."
+    )
+    ab_power: float = Field(0.9, gt=0.0, lt=1.0, description="A/B gate: power at 1/2 + δ.")
+    ab_share: float = Field(
+        0.25,
+        ge=0.0,
+        le=0.9,
+        description="Share of served pairs that are candidate-vs-parent A/B pairs while a "
+        "gate is open.",
+    )
+    ab_live_share: float = Field(
+        0.1,
+        ge=0.0,
+        le=0.9,
+        description="Share of served pairs that compare the published version with its "
+        "parent (the live monitor) after publishing.",
     )
 
     # Logging
@@ -93,6 +135,16 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("publish_policy", mode="after")
+    @classmethod
+    def _policy_agrees_with_auto_publish(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v != "metric" and info.data.get("auto_publish"):
+            raise ValueError(
+                f"{v!r} conflicts with {ENV_PREFIX}AUTO_PUBLISH=true, which means 'metric'; "
+                "unset one of them"
+            )
+        return v
 
     @field_validator("secret_key")
     @classmethod
@@ -115,6 +167,23 @@ class Settings(BaseSettings):
         return v
 
     # Derived values -------------------------------------------------------------------------
+
+    @property
+    def effective_publish_policy(self) -> str:
+        """``publish_policy``; unset: ``metric`` when ``auto_publish``, else ``human``."""
+        if self.publish_policy is not None:
+            return self.publish_policy
+        return "metric" if self.auto_publish else "human"
+
+    @property
+    def ab_settings(self) -> ABSettings:
+        """The A/B gate's settings (validated by their fields' bounds)."""
+        return ABSettings(
+            alpha=self.ab_alpha,
+            min_effect=self.ab_min_effect,
+            budget=self.ab_budget,
+            power=self.ab_power,
+        )
 
     @property
     def db_url(self) -> str:

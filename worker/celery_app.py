@@ -26,7 +26,7 @@ from typing import Any
 from celery import Celery
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
-from worker.queues import DEFAULT_QUEUE, GENERATE_PAIRS, SWEEP, TASK_QUEUES
+from worker.queues import AB_CHECK, DEFAULT_QUEUE, GENERATE_PAIRS, SWEEP, TASK_QUEUES
 
 #: How often the embedded (SQLAlchemy) broker is polled for new messages, in seconds.
 DEFAULT_SQLA_POLLING_INTERVAL_S = 0.2
@@ -37,6 +37,7 @@ REDIS_VISIBILITY_TIMEOUT_S = 12 * 60 * 60
 #: Beat periods, in seconds.
 SWEEP_EVERY_S = 60.0
 REFILL_PAIRS_EVERY_S = 30.0
+AB_CHECK_EVERY_S = 30.0
 #: The module holding the task functions; imported by workers only once it exists.
 TASKS_MODULE = "worker.tasks"
 
@@ -133,6 +134,11 @@ def create_celery(settings: Any | None = None, *, main: str = "prefloop") -> Cel
                 "task": GENERATE_PAIRS,
                 "schedule": REFILL_PAIRS_EVERY_S,
                 "options": {"expires": REFILL_PAIRS_EVERY_S},
+            },
+            "check-ab-tests": {
+                "task": AB_CHECK,
+                "schedule": AB_CHECK_EVERY_S,
+                "options": {"expires": AB_CHECK_EVERY_S},
             },
         },
         beat_schedule_filename=str(data_dir / "celerybeat-schedule"),

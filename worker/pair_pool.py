@@ -22,7 +22,16 @@ up to ``settings.pair_pool_target`` *ready* pairs, i.e. active pairs that fewer 
    - **gold** pairs (controls, about ``settings.gold_fraction`` of a batch; built-in world
      only): a true render of the prompt against a render of a scene that differs in one
      attribute, with ``gold_answer`` naming the true one. Their images belong to a retired
-     ``external:`` version standing for the world's renderer.
+     ``external:`` version standing for the world's renderer;
+   - **A/B** pairs (kind ``ab``, ``docs/publishing.md``): for each open A/B test, the tested
+     version (a candidate, or the published version under the live monitor) against its
+     parent on one prompt, with one fresh seed and guidance scale for both, sides in random
+     order. Prompts come half from a fixed evaluation set (:func:`ab_eval_prompt_ids`), half
+     from the active prompts. Each test keeps about its share of the ready pairs
+     (``settings.ab_share`` split between open gates, ``settings.ab_live_share`` for the live
+     test), so about that share of served pairs. An A/B pair is served to one annotator only
+     (``backend.services.pairs``) and retired once served. A candidate's images appear in its
+     A/B pairs and nowhere else: within-version pairs come from the serving version only.
 
 Image files are written first (content-addressed, temporary name then rename, by
 :class:`backend.storage.ImageStore`), then the batch's image and pair rows are inserted and
@@ -39,11 +48,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from backend.models import GoldAnswer, Image, ModelVersion, Pair, PairKind, Prompt, Vote
+from backend.models import (
+    ABPhase,
+    ABState,
+    ABTest,
+    GoldAnswer,
+    Image,
+    ModelVersion,
+    Pair,
+    PairAssignment,
+    PairKind,
+    Prompt,
+    VersionStatus,
+    Vote,
+)
 from backend.services import images as image_service
 from backend.services import pairs as pair_service
 from backend.services import versions as version_service
@@ -68,6 +90,13 @@ CFG_GRID = (0.7, 0.85, 1.0, 1.15, 1.3)
 #: The stand-in version of gold images: the built-in world's renderer, not a model.
 RENDERER_NAME = "shapes-world-renderer"
 BUILTIN_PROMPT_SOURCE = "builtin:shapes"
+#: Source of the built-in world's held-out prompts stored (inactive) for A/B pairs.
+AB_EVAL_PROMPT_SOURCE = "builtin:shapes:ab-eval"
+#: Size of the fixed evaluation set of A/B prompts, and the share of A/B pairs drawn from it
+#: (the rest are fresh: the active prompts annotators see in the other pairs).
+AB_EVAL_PROMPTS = 64
+AB_EVAL_FRACTION = 0.5
+AB_EVAL_SEED = 4321
 GOLD_ATTRIBUTES = ("colour", "shape", "position", "size", "background")
 
 
@@ -92,6 +121,21 @@ class _PendingPair:
     a: _PendingImage
     b: _PendingImage
     gold_answer: GoldAnswer | None = None
+    ab_test_id: int | None = None
+
+
+@dataclass
+class ABPlan:
+    """One open A/B test the pool serves: ``version_id`` against ``parent_id``, ``share`` of
+    the served pairs, ``ready`` of its pairs ready now, ``todo`` to make in this refill."""
+
+    test_id: int
+    version_id: int
+    parent_id: int
+    phase: ABPhase
+    share: float
+    ready: int = 0
+    todo: int = 0
 
 
 @dataclass
@@ -129,6 +173,16 @@ def retire_done_pairs(session: Session, *, overlap: int, serving_id: int | None)
             .scalar_subquery()
         )
         conditions += [Pair.id.in_(stale_within), Pair.id.in_(stale_cross)]
+    # A/B pairs: served once (to one annotator), and only while their test is open.
+    served = select(PairAssignment.pair_id).where(PairAssignment.pair_id == Pair.id)
+    open_tests = select(ABTest.id).where(ABTest.state == ABState.open).scalar_subquery()
+    conditions += [
+        and_(Pair.kind == PairKind.ab, served.exists()),
+        and_(
+            Pair.kind == PairKind.ab,
+            or_(Pair.ab_test_id.is_(None), Pair.ab_test_id.not_in(open_tests)),
+        ),
+    ]
     result = session.execute(
         update(Pair)
         .where(Pair.active.is_(True), Pair.source == "pool", or_(*conditions))
@@ -139,17 +193,102 @@ def retire_done_pairs(session: Session, *, overlap: int, serving_id: int | None)
 
 
 def count_ready(session: Session, overlap: int) -> int:
-    """Active pairs with fewer than ``overlap`` votes."""
+    """Active pairs with fewer than ``overlap`` votes (A/B pairs: never served)."""
     votes = select(Vote.pair_id, func.count().label("n")).group_by(Vote.pair_id).subquery()
+    served = select(PairAssignment.pair_id).where(PairAssignment.pair_id == Pair.id)
     return int(
         session.scalar(
             select(func.count())
             .select_from(Pair)
             .outerjoin(votes, votes.c.pair_id == Pair.id)
-            .where(Pair.active.is_(True), or_(votes.c.n.is_(None), votes.c.n < overlap))
+            .where(
+                Pair.active.is_(True),
+                or_(
+                    and_(
+                        Pair.kind != PairKind.ab,
+                        or_(votes.c.n.is_(None), votes.c.n < overlap),
+                    ),
+                    and_(Pair.kind == PairKind.ab, ~served.exists()),
+                ),
+            )
         )
         or 0
     )
+
+
+def ab_plans(session: Session, serving_id: int, settings: Settings) -> list[ABPlan]:
+    """The open A/B tests the pool serves, with their shares and ready pairs: each open gate
+    of a candidate (``ab_share`` split between them), and the serving version's open live
+    test (``ab_live_share``). Tests of versions that changed status are left to the
+    ``ab.check`` task, which closes them."""
+    rows = session.execute(
+        select(ABTest.id, ABTest.version_id, ABTest.parent_id, ABTest.phase, ModelVersion.status)
+        .join(ModelVersion, ModelVersion.id == ABTest.version_id)
+        .where(ABTest.state == ABState.open)
+        .order_by(ABTest.id)
+    ).all()
+    gates = [
+        r
+        for r in rows
+        if ABPhase(r[3]) == ABPhase.gate and VersionStatus(r[4]) == VersionStatus.candidate
+    ]
+    lives = [r for r in rows if ABPhase(r[3]) == ABPhase.live and r[1] == serving_id]
+    plans = [
+        ABPlan(r[0], r[1], r[2], ABPhase.gate, settings.ab_share / len(gates)) for r in gates
+    ] + [ABPlan(r[0], r[1], r[2], ABPhase.live, settings.ab_live_share) for r in lives[:1]]
+    plans = [p for p in plans if p.share > 0]
+    if plans:
+        served = select(PairAssignment.pair_id).where(PairAssignment.pair_id == Pair.id)
+        ready = dict(
+            session.execute(
+                select(Pair.ab_test_id, func.count())
+                .where(
+                    Pair.active.is_(True),
+                    Pair.kind == PairKind.ab,
+                    Pair.ab_test_id.in_([p.test_id for p in plans]),
+                    ~served.exists(),
+                )
+                .group_by(Pair.ab_test_id)
+            ).all()
+        )
+        for p in plans:
+            p.ready = int(ready.get(p.test_id, 0))
+    return plans
+
+
+def ab_eval_prompt_ids(session_factory: SessionFactory, base_model: str) -> list[int]:
+    """The fixed evaluation set of A/B prompts. Built-in model: :data:`AB_EVAL_PROMPTS` of the
+    world's held-out prompts (never used for training pairs), stored inactive so that no other
+    pair uses them; otherwise the first :data:`AB_EVAL_PROMPTS` active prompts by id."""
+    if not model_registry.is_builtin(base_model):
+        with session_factory() as session:
+            ids = list(
+                session.scalars(
+                    select(Prompt.id)
+                    .where(Prompt.active.is_(True))
+                    .order_by(Prompt.id)
+                    .limit(AB_EVAL_PROMPTS)
+                )
+            )
+            session.rollback()
+        return ids
+    _, held_out = world.split_prompts()
+    order = random.Random(AB_EVAL_SEED).sample(range(len(held_out)), len(held_out))
+    texts = [held_out[i] for i in order[:AB_EVAL_PROMPTS]]
+    with session_factory() as session:
+        ids = list(session.scalars(select(Prompt.id).where(Prompt.text.in_(texts))))
+        if len(ids) < len(texts):
+            session.execute(
+                dialect_insert(session, Prompt.__table__)
+                .values(
+                    [{"text": t, "source": AB_EVAL_PROMPT_SOURCE, "active": False} for t in texts]
+                )
+                .on_conflict_do_nothing()
+            )
+            session.commit()
+            ids = list(session.scalars(select(Prompt.id).where(Prompt.text.in_(texts))))
+        session.rollback()
+    return sorted(ids)
 
 
 def ensure_serving_version(session_factory: SessionFactory, base_model: str) -> int:
@@ -318,6 +457,49 @@ def _plan(
     return rest - cross, cross, gold
 
 
+def _ab_pairs(
+    counts: list[tuple[ABPlan, int]],
+    *,
+    models: dict[int, Backbone],
+    fresh_prompts: list[tuple[int, str]],
+    eval_prompts: list[tuple[int, str]],
+    grid: list[float],
+    rng: random.Random,
+) -> list[_PendingPair]:
+    """A/B pairs: per test, its version and its parent on one prompt (half from the fixed
+    evaluation set, half fresh), one fresh seed and guidance scale for both, sides random."""
+    out: list[_PendingPair] = []
+    for plan, n in counts:
+        if n <= 0:
+            continue
+        jobs = []
+        for _ in range(n):
+            source = eval_prompts if eval_prompts and rng.random() < AB_EVAL_FRACTION else None
+            pid, text = rng.choice(source or fresh_prompts)
+            jobs.append((pid, text, rng.randrange(2**31), rng.choice(grid)))
+        tested = _generate(models[plan.version_id], plan.version_id, jobs)
+        parent = _generate(models[plan.parent_id], plan.parent_id, jobs)
+        for a, b in zip(tested, parent, strict=True):
+            if a.sha256 == b.sha256:
+                continue  # the same picture: nothing to compare
+            first, second = (a, b) if rng.random() < 0.5 else (b, a)
+            out.append(_PendingPair(PairKind.ab, first, second, ab_test_id=plan.test_id))
+    return out
+
+
+def _split_ab(n: int, plans: list[ABPlan], remaining: int, rng: random.Random) -> list[int]:
+    """How many of a batch of ``n`` (out of ``remaining`` still to make in this refill) are
+    each plan's A/B pairs: each plan's outstanding ``todo`` spread evenly over the batches."""
+    out = []
+    left = n
+    for p in plans:
+        exact = n * p.todo / max(1, remaining)
+        k = min(p.todo, left, int(exact) + (1 if rng.random() < exact - int(exact) else 0))
+        out.append(k)
+        left -= k
+    return out
+
+
 def _build_batch(
     n: int,
     *,
@@ -329,9 +511,14 @@ def _build_batch(
     renderer_id: int | None,
     gold_fraction: float,
     rng: random.Random,
+    ab: list[tuple[ABPlan, int]] | None = None,
+    models: dict[int, Backbone] | None = None,
+    eval_prompts: list[tuple[int, str]] | None = None,
 ) -> _Batch:
+    ab = [(p, k) for p, k in (ab or []) if k > 0]
+    n_ab = sum(k for _, k in ab)
     n_within, n_cross, n_gold = _plan(
-        n, gold_fraction, parent is not None, renderer_id is not None, rng
+        n - n_ab, gold_fraction, parent is not None, renderer_id is not None, rng
     )
     default_cfg = float(serving.extra.get("guidance_scale", 7.5))
     grid = [round(default_cfg * f, 3) for f in CFG_GRID]
@@ -365,6 +552,17 @@ def _build_batch(
                 if rng.random() < 0.5
                 else _PendingPair(PairKind.cross_version, b, a)
             )
+
+    # A/B: a tested version against its parent, one seed and scale, sides random.
+    if ab:
+        batch.pairs += _ab_pairs(
+            ab,
+            models=models or {},
+            fresh_prompts=prompts,
+            eval_prompts=eval_prompts or [],
+            grid=grid,
+            rng=rng,
+        )
 
     # Gold: the world's true render against a render of a different scene.
     if n_gold and renderer_id is not None:
@@ -426,6 +624,7 @@ def _commit_batch(
                     image_b_id=rows[id(p.b)].id,
                     gold_answer=p.gold_answer,
                     rng=rng,
+                    ab_test_id=p.ab_test_id,
                 )
             session.commit()
         except BaseException:
@@ -473,19 +672,46 @@ def refill_pool(
                 select(Prompt.id, Prompt.text).where(Prompt.active.is_(True)).order_by(Prompt.id)
             )
         ]
-        todo = deficit if max_new is None else min(deficit, max_new)
+        plans = ab_plans(session, serving_id, settings)
+        for p in plans:
+            # Keep about ``share`` of the ready pairs (what annotators draw from) as this
+            # test's, even when the pool is otherwise full: a new test starts at once.
+            target = settings.pair_pool_target
+            want = max(1, round(p.share * target)) if target > 0 else 0
+            p.todo = max(0, want - p.ready)
+        plans = [p for p in plans if p.todo > 0]
+        todo = max(deficit, sum(p.todo for p in plans))
+        if max_new is not None:
+            todo = min(todo, max_new)
         if todo <= 0:
             return 0
-        serving_chain = model_registry.lineage(session, serving_id, settings.models_dir)
-        parent_chain = (
-            model_registry.lineage(session, parent_id, settings.models_dir)
-            if parent_id is not None
-            else None
-        )
+        chains = {
+            vid: model_registry.lineage(session, vid, settings.models_dir)
+            for vid in {
+                serving_id,
+                parent_id,
+                *(v for p in plans for v in (p.version_id, p.parent_id)),
+            }
+            if vid is not None
+        }
         session.rollback()
     # Models load outside any transaction (SQLite write sessions hold the database lock).
-    serving = model_registry.load_chain(serving_chain)
-    parent = model_registry.load_chain(parent_chain) if parent_chain is not None else None
+    models = {vid: model_registry.load_chain(chain) for vid, chain in chains.items()}
+    serving = models[serving_id]
+    parent = models[parent_id] if parent_id is not None else None
+    eval_prompts: list[tuple[int, str]] = []
+    if plans:
+        eval_ids = set(ab_eval_prompt_ids(session_factory, base_model))
+        with session_factory() as session:
+            eval_prompts = [
+                (int(pid), str(text))
+                for pid, text in session.execute(
+                    select(Prompt.id, Prompt.text)
+                    .where(Prompt.id.in_(eval_ids))
+                    .order_by(Prompt.id)
+                )
+            ]
+            session.rollback()
     renderer_id = None
     if (
         settings.gold_fraction > 0
@@ -498,6 +724,9 @@ def refill_pool(
     made = 0
     while made < todo:
         n = min(BATCH_PAIRS, todo - made)
+        split = _split_ab(n, plans, todo - made, rng)
+        for p, k in zip(plans, split, strict=True):
+            p.todo -= k
         batch = _build_batch(
             n,
             prompts=prompts,
@@ -508,6 +737,9 @@ def refill_pool(
             renderer_id=renderer_id,
             gold_fraction=settings.gold_fraction,
             rng=rng,
+            ab=list(zip(plans, split, strict=True)),
+            models=models,
+            eval_prompts=eval_prompts,
         )
         added = _commit_batch(session_factory, store, batch, rng)
         made += added
@@ -519,6 +751,9 @@ def refill_pool(
 
 __all__ = [
     "BATCH_PAIRS",
+    "ABPlan",
+    "ab_eval_prompt_ids",
+    "ab_plans",
     "CROSS_VERSION_FRACTION",
     "count_ready",
     "refill_pool",

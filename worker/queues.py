@@ -5,7 +5,7 @@ One queue per kind of work, so that GPU and CPU pools scale apart:
 - :attr:`Queue.GPU`: work that runs the diffusion model (training a round, which also judges
   its candidate for the built-in model, and sampling the images of new pairs). A GPU worker runs
   it with concurrency 1.
-- :attr:`Queue.CPU`: bookkeeping that never loads a model (the sweeper).
+- :attr:`Queue.CPU`: bookkeeping that never loads a model (the sweeper, the A/B check).
 
 Tasks have explicit names, never the Python path Celery would derive, so that moving a function
 does not orphan the messages already queued under its old name.
@@ -29,17 +29,22 @@ TRAIN_ROUND = "train.round"
 GENERATE_PAIRS = "pairs.generate"
 #: Re-queue rounds committed to the database but never dispatched, or orphaned (no args).
 SWEEP = "rounds.sweep"
+#: Check every open A/B test's decision and act on it (no args; the API also checks a test
+#: right after each of its votes, so this is the safety net).
+AB_CHECK = "ab.check"
 
 #: Which queue each task goes to. Anything not listed goes to the default queue, CPU.
 TASK_QUEUES: dict[str, Queue] = {
     TRAIN_ROUND: Queue.GPU,
     GENERATE_PAIRS: Queue.GPU,
     SWEEP: Queue.CPU,
+    AB_CHECK: Queue.CPU,
 }
 
 DEFAULT_QUEUE = Queue.CPU
 
 __all__ = [
+    "AB_CHECK",
     "DEFAULT_QUEUE",
     "GENERATE_PAIRS",
     "SWEEP",

@@ -918,7 +918,8 @@ def _publish_candidate(
             f"adapter copy at {dest} has sha256 {sha}, trainer wrote {result.adapter_sha256}"
         )
     rel = dest.relative_to(settings.models_dir).as_posix()
-    publish = bool(auto_publish and metrics.get("improved"))
+    from backend.services import publishing  # the publish policy (docs/publishing.md)
+
     with session_factory() as session:
         rnd = session.scalars(
             select(TrainingRound).where(TrainingRound.id == claim.round_id).with_for_update()
@@ -943,12 +944,20 @@ def _publish_candidate(
         )
         session.add(version)
         session.flush()
-        if publish:
-            version_service.publish(session, version.id)
+        # The policy acts in this transaction: publish (metric), retire, or open the A/B gate.
+        outcome = publishing.on_candidate(session, version, settings, auto_publish=auto_publish)
+        publish = outcome.published
         now = _now()
         rnd.status = RoundStatus.succeeded
         rnd.version_id = version.id
-        rnd.metrics = {**metrics, "version_id": version.id, "published": publish}
+        rnd.metrics = {
+            **metrics,
+            "version_id": version.id,
+            "published": publish,
+            "publish_policy": outcome.policy,
+            "policy_action": outcome.action,
+            "policy_reason": outcome.reason,
+        }
         rnd.progress = 1.0
         rnd.finished_at = now
         rnd.updated_at = now

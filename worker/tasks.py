@@ -12,6 +12,9 @@ every worker (``app.conf.imports``). The tasks are ``shared_task`` so that an ap
   sends it periodically; a failed run is simply replaced by the next one.
 - ``rounds.sweep`` (CPU): :func:`worker.rounds.sweep_and_schedule`, which re-queues rounds
   committed but never dispatched or orphaned, and starts scheduled rounds.
+- ``ab.check`` (CPU): :func:`backend.services.publishing.check_open_tests`, which records the
+  first decision of every open A/B test and applies the publish policy (the API already
+  checks a test after each of its votes; this catches what a crash or a busy database missed).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from sqlalchemy.exc import OperationalError
 
 from backend.db import Database
 from backend.dispatch import CeleryDispatcher
+from backend.services import publishing
 from backend.settings import Settings, get_settings
 from worker import pair_pool, rounds
-from worker.queues import GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND
+from worker.queues import AB_CHECK, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND
 
 #: Transient errors worth retrying a task for: the database went away or stayed locked.
 TRANSIENT_ERRORS = (OperationalError,)
@@ -70,3 +74,8 @@ def generate_pairs() -> int:
 @shared_task(name=SWEEP, queue=TASK_QUEUES[SWEEP].value, acks_late=True)
 def sweep_rounds() -> dict[str, Any]:
     return rounds.sweep_and_schedule(_database().write_session, _settings(), _dispatcher())
+
+
+@shared_task(name=AB_CHECK, queue=TASK_QUEUES[AB_CHECK].value, acks_late=True)
+def check_ab_tests() -> list[dict[str, Any]]:
+    return [vars(r) for r in publishing.check_open_tests(_database().write_session, _settings())]

@@ -49,6 +49,10 @@ class AppState:
     _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+    #: A/B tests being checked after a vote, and those with a vote since their check began
+    #: (``backend.api.ab_checks``): at most one check per test at a time in this process.
+    ab_checking: set[int] = field(default_factory=set)
+    ab_recheck: set[int] = field(default_factory=set)
 
     def sqlite_write_gate(self) -> asyncio.Lock:
         """One write request at a time per event loop, on SQLite only.

@@ -25,6 +25,11 @@ pays neither SQL construction nor cache-key generation.
 
 With probability ``gold_fraction`` a gold (control) pair is tried first; either way the
 other kind is the fallback, so an annotator is only out of work when both are exhausted.
+
+A/B pairs (kind ``ab``) are in the regular group, drawn like the others, but served to one
+annotator only: their branch skips a pair served to *anyone* (the ``ix_pair_assignments_pair_id``
+index), so every A/B vote is a fresh (prompt, seeds, annotator) draw, as the sequential test
+assumes (``docs/ab-test.md``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from backend.models import GoldAnswer, Image, Pair, PairAssignment, PairKind, Pr
 from backend.services.common import as_utc, dialect_insert, dialect_name
 from backend.services.errors import Invalid, LimitReached, NotFound
 
-REGULAR_KINDS = (PairKind.within_version, PairKind.cross_version)
+REGULAR_KINDS = (PairKind.within_version, PairKind.cross_version, PairKind.ab)
+#: Kinds served to one annotator only.
+EXCLUSIVE_KINDS = frozenset({PairKind.ab})
 GOLD_KINDS = (PairKind.gold,)
 _PICK_ATTEMPTS = 4
 
@@ -64,8 +71,10 @@ def create_pair(
     gold_answer: GoldAnswer | None = None,
     source: str = "pool",
     rng: random.Random | None = None,
+    ab_test_id: int | None = None,
 ) -> Pair:
-    """Add a pair of two images of the same prompt. Gold pairs need their answer."""
+    """Add a pair of two images of the same prompt. Gold pairs need their answer; A/B pairs
+    their test (and images of two versions)."""
     if image_a_id == image_b_id:
         raise Invalid("a pair needs two different images")
     images = {
@@ -81,8 +90,10 @@ def create_pair(
         raise Invalid("gold pairs, and only gold pairs, have a gold_answer")
     if kind == PairKind.within_version and a.version_id != b.version_id:
         raise Invalid("a within_version pair needs two images of one version")
-    if kind == PairKind.cross_version and a.version_id == b.version_id:
-        raise Invalid("a cross_version pair needs images of two versions")
+    if kind in (PairKind.cross_version, PairKind.ab) and a.version_id == b.version_id:
+        raise Invalid(f"a {kind.value} pair needs images of two versions")
+    if (kind == PairKind.ab) != (ab_test_id is not None):
+        raise Invalid("A/B pairs, and only A/B pairs, belong to an A/B test")
     pair = Pair(
         kind=kind,
         prompt_id=a.prompt_id,
@@ -90,6 +101,7 @@ def create_pair(
         image_b_id=b.id,
         gold_answer=gold_answer,
         source=source,
+        ab_test_id=ab_test_id,
         active=True,
         rand_key=(rng or random).random(),
     )
@@ -191,6 +203,13 @@ def _pick_statement(kinds: tuple[PairKind, ...]) -> Any:
         .limit(one)
         .offset(zero)  # keeps NOT EXISTS a per-row index probe (see the module doc)
     )
+    served_to_anyone = (
+        select(one)
+        .select_from(_assign)
+        .where(_assign.c.pair_id == _pairs.c.id)
+        .limit(one)
+        .offset(zero)
+    )
     branches = []
     for wrap in (0, 1):
         r = bindparam("r", type_=Float())
@@ -210,7 +229,7 @@ def _pick_statement(kinds: tuple[PairKind, ...]) -> Any:
                     _pairs.c.active.is_(True),
                     _pairs.c.kind == literal_column(f"'{kind.value}'"),
                     side,
-                    ~exists(served),
+                    ~exists(served_to_anyone if kind in EXCLUSIVE_KINDS else served),
                 )
                 .order_by(_pairs.c.rand_key)
                 .limit(one)

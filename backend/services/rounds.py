@@ -7,11 +7,14 @@ never change what a round sees, and a retried round sees the same data.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
+from backend.dispatch import Dispatcher
 from backend.models import (
     Choice,
     Pair,
@@ -19,22 +22,72 @@ from backend.models import (
     RoundMetric,
     RoundStatus,
     TrainingRound,
+    User,
+    UserStatus,
     Vote,
 )
 from backend.round_config import RoundConfig
 from backend.services import versions
 from backend.services.errors import Conflict, NotFound
 
+log = logging.getLogger(__name__)
 
-def _training_votes(config: RoundConfig | None = None):  # type: ignore[no-untyped-def]
-    choices = [Choice.left, Choice.right]
-    if config is None or config.include_ties:
-        choices.append(Choice.tie)
-    return (
-        select(func.count(), func.max(Vote.id))
+
+def training_votes(
+    *columns: Any, include_ties: bool, max_vote_id: int | None = None
+) -> Select[Any]:
+    """``SELECT columns`` over *the votes a round trains on*: the one definition, used for the
+    count admins see (``snapshot_vote_count``), the schedule, and the worker's snapshot.
+
+    Votes on within-version pairs (never A/B, cross-version or gold pairs), by annotators who
+    are not banned, left or right, plus ties when ``include_ties``; both-bad and skip never;
+    with ``id <= max_vote_id`` when given. ``votes`` is joined to ``pairs`` and ``users``;
+    callers join more (prompts, images) and order as they need.
+    """
+    choices = [Choice.left, Choice.right] + ([Choice.tie] if include_ties else [])
+    q = (
+        select(*columns)
+        .select_from(Vote)
         .join(Pair, Pair.id == Vote.pair_id)
-        .where(Pair.kind == PairKind.within_version, Vote.choice.in_(choices))
+        .join(User, User.id == Vote.user_id)
+        .where(
+            Pair.kind == PairKind.within_version,
+            Vote.choice.in_(choices),
+            User.status != UserStatus.banned,
+        )
     )
+    if max_vote_id is not None:
+        q = q.where(Vote.id <= max_vote_id)
+    return q
+
+
+def _training_votes(config: RoundConfig | None = None) -> Select[Any]:
+    """``(count, max id)`` of the training votes (ties as ``config`` says; default: with)."""
+    include_ties = config is None or config.include_ties
+    return training_votes(func.count(), func.max(Vote.id), include_ties=include_ties)
+
+
+def commit_and_dispatch(session: Session, dispatcher: Dispatcher, round_id: int) -> str | None:
+    """Commit the session (the round must exist before a worker can see its id), hand the
+    round to the workers, and record the task id on it (committed; only while the round is
+    still ``queued``, so a worker that already claimed it keeps its own). A failed dispatch
+    is logged and leaves the round ``queued``: the sweeper sends it again. Returns the task
+    id, or None."""
+    session.commit()
+    try:
+        task_id = dispatcher.dispatch_round(round_id)
+    except Exception:  # noqa: BLE001 - the round stays queued; the sweeper re-sends it
+        log.exception("dispatching round %s failed; it stays queued for the sweeper", round_id)
+        return None
+    if task_id:
+        session.execute(
+            update(TrainingRound)
+            .where(TrainingRound.id == round_id, TrainingRound.status == RoundStatus.queued)
+            .values(celery_task_id=task_id)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+    return task_id
 
 
 def base_model_for(session: Session, parent_version_id: int | None, fallback: str) -> str:

@@ -38,6 +38,8 @@ class VoteOutcome:
     pair_id: int
     choice: Choice
     created: bool
+    #: The A/B test of the pair (kind ``ab``), whose decision the caller then checks.
+    ab_test_id: int | None = None
 
 
 _votes = Vote.__table__
@@ -57,6 +59,7 @@ _LOOKUP = (
         _same.c.choice,
         _by_client.c.id,
         _by_client.c.pair_id,
+        _pairs.c.ab_test_id,
     )
     .select_from(_pairs)
     .outerjoin(
@@ -94,7 +97,7 @@ def _lookup(session: Session | Any, user_id: int, pair_id: int, client_vote_id: 
 def _decide(row, pair_id: int, choice: Choice) -> VoteOutcome | None:  # type: ignore[no-untyped-def]
     if row is None:
         raise NotFound(f"pair {pair_id} not found")
-    _, left, _right, vote_id, vote_choice, client_vote, client_pair = row
+    _, left, _right, vote_id, vote_choice, client_vote, client_pair, _ab_test = row
     if vote_id is not None:
         if Choice(vote_choice) == choice:
             return VoteOutcome(vote_id, pair_id, choice, created=False)
@@ -137,7 +140,7 @@ def submit_vote(
     }
     inserted = session.execute(_insert_vote(session), params).first()
     if inserted is not None:
-        return VoteOutcome(int(inserted[0]), pair_id, choice, created=True)
+        return VoteOutcome(int(inserted[0]), pair_id, choice, created=True, ab_test_id=row[7])
     # Lost a race against another request of the same user: answer as the second request.
     decided = _decide(_lookup(session, user_id, pair_id, client_vote_id), pair_id, choice)
     if decided is None:  # pragma: no cover - the conflicting row must be visible now

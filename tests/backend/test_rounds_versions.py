@@ -151,7 +151,7 @@ def test_retire_a_candidate(env, client):
 
 def test_leaderboard_from_cross_version_votes(env, client):
     h = env.admin_headers()
-    assert client.get("/api/v1/leaderboard", headers=h).json() == {"data": []}
+    assert client.get("/api/v1/leaderboard", headers=h).json() == {"data": [], "win_rates": []}
     challenger = env.version("challenger")
     pairs = {p: (a, b) for p, a, b in env.pairs(6, PairKind.cross_version, version_b=challenger)}
     _, ann = env.user()

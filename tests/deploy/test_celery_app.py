@@ -40,7 +40,7 @@ from worker.celery_app import (
     create_celery,
     result_backend_for,
 )
-from worker.queues import GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND, Queue
+from worker.queues import AB_CHECK, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND, Queue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -85,7 +85,7 @@ def test_reliability_and_serialisation(tmp_path: Path) -> None:
 
 def test_routes_send_each_task_to_its_queue(tmp_path: Path) -> None:
     app = create_celery(embedded(tmp_path))
-    expected = {TRAIN_ROUND: "gpu", GENERATE_PAIRS: "gpu", SWEEP: "cpu"}
+    expected = {TRAIN_ROUND: "gpu", GENERATE_PAIRS: "gpu", SWEEP: "cpu", AB_CHECK: "cpu"}
     assert {name: queue.value for name, queue in TASK_QUEUES.items()} == expected
     for name, queue in expected.items():
         assert app.amqp.router.route({}, name)["queue"].name == queue, name
@@ -93,10 +93,11 @@ def test_routes_send_each_task_to_its_queue(tmp_path: Path) -> None:
 
 
 def test_task_names_and_queues_are_stable() -> None:
-    assert (TRAIN_ROUND, GENERATE_PAIRS, SWEEP) == (
+    assert (TRAIN_ROUND, GENERATE_PAIRS, SWEEP, AB_CHECK) == (
         "train.round",
         "pairs.generate",
         "rounds.sweep",
+        "ab.check",
     )
     assert [q.value for q in Queue] == ["gpu", "cpu"]
     assert Queue("gpu") is Queue.GPU and Queue.CPU == "cpu"
@@ -113,9 +114,10 @@ def test_api_dispatcher_uses_the_same_names() -> None:
 def test_beat_schedule(tmp_path: Path) -> None:
     conf = create_celery(embedded(tmp_path)).conf
     by_task = {entry["task"]: entry for entry in conf.beat_schedule.values()}
-    assert set(by_task) == {SWEEP, GENERATE_PAIRS}
+    assert set(by_task) == {SWEEP, GENERATE_PAIRS, AB_CHECK}
     assert by_task[SWEEP]["schedule"] == 60.0
     assert by_task[GENERATE_PAIRS]["schedule"] == 30.0
+    assert by_task[AB_CHECK]["schedule"] == 30.0
     for entry in by_task.values():
         assert entry["options"]["expires"] == entry["schedule"]
     assert Path(conf.beat_schedule_filename).parent == tmp_path.resolve()
@@ -317,5 +319,5 @@ def test_production_module_serves_a_worker(tmp_path: Path) -> None:
         producer.close()
     # The worker imported worker.tasks (app.conf.imports): its banner lists the named tasks.
     banner = log_path.read_text()
-    for name in (TRAIN_ROUND, GENERATE_PAIRS, SWEEP):
+    for name in (TRAIN_ROUND, GENERATE_PAIRS, SWEEP, AB_CHECK):
         assert f". {name}" in banner, name

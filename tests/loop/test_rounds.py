@@ -429,7 +429,9 @@ def test_auto_publish_publishes_an_improved_version_in_the_same_transaction(
 
     def improved(backbone: Any, n: int) -> dict[str, Any]:
         out = evaluate(backbone, n)
-        out["improved"] = True  # the tiny untrained model improves by chance only
+        # The tiny untrained model improves by chance only. auto_publish is the metric policy,
+        # which needs the lower end of the judge delta's 95% interval above the margin (0).
+        out.update(improved=True, judge_delta=0.05, judge_delta_sem=0.01)
         return out
 
     monkeypatch.setattr(rounds, "evaluate_against_parent", improved)
@@ -440,7 +442,9 @@ def test_auto_publish_publishes_an_improved_version_in_the_same_transaction(
     with db.read_session() as s:
         parent = s.get(ModelVersion, version.parent_id)
     assert VersionStatus(parent.status) == VersionStatus.retired
-    assert _round(db, round_id).metrics["published"] is True
+    m = _round(db, round_id).metrics
+    assert m["published"] is True and m["publish_policy"] == "metric"
+    assert m["policy_action"] == "published"
 
 
 def test_a_corrupted_parent_adapter_fails_the_round(voted_env: Any, loop: Any) -> None:

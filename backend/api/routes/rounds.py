@@ -47,16 +47,9 @@ def create_round(
     rnd = round_service.create_round(
         session, config, created_by=admin.id, parent_version_id=body.parent_version_id
     )
-    session.commit()
-    try:
-        task_id = state.dispatcher.dispatch_round(rnd.id)
-    except Exception:  # noqa: BLE001 - the round stays queued; the sweeper re-sends it
-        log.exception("dispatching round %s failed; it stays queued", rnd.id)
-        task_id = None
-    if task_id:
-        rnd.celery_task_id = task_id
-        session.commit()
-    return RoundAccepted(round_id=rnd.id, status=RoundStatus.queued)
+    round_id = rnd.id
+    round_service.commit_and_dispatch(session, state.dispatcher, round_id)
+    return RoundAccepted(round_id=round_id, status=RoundStatus.queued)
 
 
 @router.get("/config-schema")

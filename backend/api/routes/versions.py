@@ -3,17 +3,22 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 
 from backend.api.deps import AdminUser, IdPath, Limit, Offset, SessionDep, StateDep
 from backend.models import VersionStatus
 from backend.schemas import (
     Message,
+    VersionABPublic,
+    VersionActionPublic,
     VersionPublic,
+    VersionReject,
+    VersionRollback,
     VersionSamplePublic,
     VersionSamplesPublic,
     VersionsPublic,
 )
+from backend.services import publishing
 from backend.services import versions as version_service
 from backend.services.errors import NotFound
 
@@ -37,21 +42,110 @@ def get_version(version_id: IdPath, session: SessionDep, admin: AdminUser) -> Ve
     return VersionPublic.model_validate(version_service.get_version(session, version_id))
 
 
-@router.post("/{version_id}/publish", response_model=VersionPublic)
-def publish_version(version_id: IdPath, session: SessionDep, admin: AdminUser) -> VersionPublic:
-    """Make this the serving version, atomically retiring the current one. Publishing an
-    earlier version is the rollback."""
-    version = version_service.publish(session, version_id)
-    session.commit()
-    return VersionPublic.model_validate(version)
+def _action(result: publishing.ActionResult) -> VersionActionPublic:
+    return VersionActionPublic.model_validate(
+        {
+            **VersionPublic.model_validate(result.version).model_dump(),
+            "message": result.message,
+            "notes": result.notes,
+        }
+    )
 
 
-@router.post("/{version_id}/retire", response_model=VersionPublic)
-def retire_version(version_id: IdPath, session: SessionDep, admin: AdminUser) -> VersionPublic:
-    """Retire a candidate; 409 for the serving version (publish another one first)."""
-    version = version_service.retire(session, version_id)
+_NOT_FOUND = {404: {"model": Message, "description": "Unknown version."}}
+
+
+@router.post("/{version_id}/publish", response_model=VersionActionPublic, responses=_NOT_FOUND)
+def publish_version(
+    version_id: IdPath, session: SessionDep, state: StateDep, admin: AdminUser
+) -> VersionActionPublic:
+    """Make this the serving version, atomically retiring the current one (idempotent).
+
+    An admin can always publish, whatever the publish policy. A candidate whose A/B gate is
+    still open is published too: the gate is closed as ``overridden`` (its tally kept, its
+    pairs no longer served), and ``notes`` says so. A live A/B test against the version's
+    parent then starts."""
+    result = publishing.publish_version(session, version_id, state.settings, by="an admin")
     session.commit()
-    return VersionPublic.model_validate(version)
+    return _action(result)
+
+
+@router.post(
+    "/{version_id}/retire",
+    response_model=VersionActionPublic,
+    responses={**_NOT_FOUND, 409: {"model": Message, "description": "The serving version."}},
+)
+def retire_version(
+    version_id: IdPath, session: SessionDep, admin: AdminUser
+) -> VersionActionPublic:
+    """Retire a candidate (closing an open A/B gate as ``overridden``); 409 for the serving
+    version (roll it back or publish another one first)."""
+    result = publishing.reject_version(session, version_id, by="an admin")
+    session.commit()
+    return _action(result)
+
+
+@router.post(
+    "/{version_id}/reject",
+    response_model=VersionActionPublic,
+    responses={**_NOT_FOUND, 409: {"model": Message, "description": "The serving version."}},
+)
+def reject_version(
+    version_id: IdPath,
+    session: SessionDep,
+    admin: AdminUser,
+    body: Annotated[VersionReject | None, Body()] = None,
+) -> VersionActionPublic:
+    """Reject a candidate: retire it, with an optional ``reason`` kept in its metrics
+    (``rejected_reason``). Its open A/B gate is closed as ``overridden``. 409 for the serving
+    version."""
+    reason = body.reason if body is not None else None
+    result = publishing.reject_version(
+        session, version_id, by="an admin", reason=reason or "rejected by an admin"
+    )
+    session.commit()
+    return _action(result)
+
+
+@router.post(
+    "/{version_id}/rollback",
+    response_model=VersionActionPublic,
+    responses={
+        **_NOT_FOUND,
+        409: {
+            "model": Message,
+            "description": "The version is not the serving version, or has no parent.",
+        },
+    },
+)
+def rollback_version(
+    version_id: IdPath,
+    session: SessionDep,
+    state: StateDep,
+    admin: AdminUser,
+    body: Annotated[VersionRollback | None, Body()] = None,
+) -> VersionActionPublic:
+    """Roll the serving version back: publish its parent again. The reason (optional) is kept
+    in the version's metrics (``rolled_back``) and on its live A/B test. 409 when the version
+    is not the serving one, or has no parent."""
+    reason = body.reason if body is not None else None
+    result = publishing.rollback_version(
+        session, version_id, state.settings, by="an admin", reason=reason
+    )
+    session.commit()
+    return _action(result)
+
+
+@router.get("/{version_id}/ab", response_model=VersionABPublic, responses=_NOT_FOUND)
+def get_version_ab(
+    version_id: IdPath, session: SessionDep, state: StateDep, admin: AdminUser
+) -> VersionABPublic:
+    """The version's blind A/B tests against its parent: the ``gate`` (a candidate, before it
+    serves) and the ``live`` monitor (after publishing), each with battles, wins, losses,
+    ties, the win rate with its 95% interval, the state (``open`` until the first decision,
+    which is final), the votes left in the budget, the reason and what was done; plus the
+    metric policy's verdict when the version has the metric. Poll it to follow a decision."""
+    return VersionABPublic.model_validate(publishing.ab_report(session, version_id, state.settings))
 
 
 # A version's samples are rendered before its row exists and not rewritten afterwards, but a

@@ -4,7 +4,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, status
 from sqlalchemy import Connection
+from starlette.background import BackgroundTask
 
+from backend.api.ab_checks import check_after_vote
 from backend.api.deps import ActiveUser, BearerClaims, run_hot
 from backend.api.fastjson import json_response
 from backend.api.state import AppState
@@ -48,7 +50,7 @@ async def submit_vote(body: VoteCreate, claims: BearerClaims, request: Request) 
     outcome = await run_hot(state, claims, _store, body)
     if outcome.created:
         state.metrics.vote_stored(outcome.choice.value)
-    return json_response(
+    response = json_response(
         {
             "vote_id": outcome.vote_id,
             "pair_id": outcome.pair_id,
@@ -57,3 +59,7 @@ async def submit_vote(body: VoteCreate, claims: BearerClaims, request: Request) 
         },
         status.HTTP_201_CREATED if outcome.created else status.HTTP_200_OK,
     )
+    if outcome.created and outcome.ab_test_id is not None:
+        # An A/B vote: check the test's decision after the response is sent.
+        response.background = BackgroundTask(check_after_vote, state, outcome.ab_test_id)
+    return response
