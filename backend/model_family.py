@@ -81,9 +81,16 @@ BUILTIN = ModelFamily(
         "The offline built-in model (builtin:shapes, 1.7M parameters, trained from scratch) or "
         "a directory holding one of its checkpoints. Defaults tuned by bench/alignment.py on "
         "its validation split (docs/alignment-benchmark.md); SD-sized learning rates move "
-        "nothing on it."
+        "nothing on it. drift_budget from bench/taste_rounds.py's validation split "
+        "(docs/rounds.md): 0.15 keeps a taste round's judge drop near 0.02 or less."
     ),
-    round_defaults={"learning_rate": 1e-3, "beta": 2000.0, "lora_rank": 8, "batch_size": 8},
+    round_defaults={
+        "learning_rate": 1e-3,
+        "beta": 2000.0,
+        "lora_rank": 8,
+        "batch_size": 8,
+        "drift_budget": 0.15,
+    },
     matches=_is_builtin,
 )
 

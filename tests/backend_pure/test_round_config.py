@@ -74,6 +74,7 @@ def test_family_defaults_come_from_the_registry():
         "beta": 2000.0,
         "lora_rank": 8,
         "batch_size": 8,
+        "drift_budget": 0.15,
     }
     assert FAMILY_DEFAULTS["diffusers"] == {"learning_rate": 1e-5, "beta": 5000.0, "lora_rank": 8}
     assert list(mf.FAMILIES)[-1] == "diffusers"  # the catch-all is tried last
