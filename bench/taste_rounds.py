@@ -1,6 +1,6 @@
 """Does one default round make the built-in model better for its annotators? (issue 8, item 4)
 
-    python -m bench.taste_rounds --quick                       # 1 taste x 1 seed, small (< 2 min)
+    python -m bench.taste_rounds --quick                       # 1 taste x 1 seed, small (~2 min)
     python -m bench.taste_rounds                               # 3 tastes x 3 seeds, test split
     python -m bench.taste_rounds --split validation --set learning_rate=3e-4 --set drift_budget=0.2
 
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="1 taste x 1 seed, 160 votes, 48 units")
+    p.add_argument("--quick", action="store_true", help="1 taste x 1 seed, 96 votes, 32 units")
     p.add_argument("--tastes", default=",".join(DEFAULT_TASTES))
     p.add_argument("--taste-weight", type=float, default=Settings.taste_weight)
     p.add_argument("--seeds", type=int, default=Settings.seeds)
@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             taste_weight=s.taste_weight,
             noise=s.noise,
             seeds=1,
-            votes=160,
-            units=48,
+            votes=96,
+            units=32,
             split=s.split,
             overrides=s.overrides,
             quick=True,
