@@ -422,8 +422,8 @@ def print_report(result: dict[str, Any]) -> None:
         gate = ab["gate"]
         s = gate["settings"]
         print(
-            f"\nA/B result for version {ab['version_id']} (candidate of round "
-            f"{ab['name']}) against version {ab['parent_id']}:"
+            f"\nA/B result: version {ab['version_id']} ({ab['name']}) against its parent, "
+            f"version {ab['parent_id']}:"
         )
         print(f"  state:     {gate['state']}  (policy {gate['policy']}; action: {gate['action']})")
         print(

@@ -55,6 +55,7 @@ LEADERBOARD_COLUMNS = (
     "version_id",
     "name",
     "status",
+    "candidate",
     "score",
     "ci_low",
     "ci_high",

@@ -40,6 +40,7 @@ from backend.ab_test import (
     ABDecision,
     ABSettings,
     ABTally,
+    Outcome,
     decide,
     live_check,
     live_log_evalue,
@@ -160,16 +161,16 @@ def _observed(test_id: int) -> Any:
     )
 
 
-def _outcome(choice: Any, winner_version: int | None, version_id: int) -> str:
+def _outcome(choice: Any, winner_version: int | None, version_id: int) -> Outcome:
     if Choice(choice) == Choice.tie:
         return "tie"
     return "win" if winner_version == version_id else "loss"
 
 
-def outcomes(session: Session, test: ABTest) -> list[str]:
+def outcomes(session: Session, test: ABTest) -> list[Outcome]:
     """The test's observations in vote order, one per pair (its first vote)."""
     seen: set[int] = set()
-    out = []
+    out: list[Outcome] = []
     for _vote_id, pair_id, choice, winner_version in session.execute(
         _observed(test.id).order_by(Vote.id)
     ):
@@ -189,7 +190,7 @@ def current_tally(session: Session, test: ABTest) -> ABTally:
         (sub.c.version_id == test.version_id, "win"),
         else_="loss",
     ).label("outcome")
-    counts = dict(
+    counts: dict[str, int] = dict(
         session.execute(
             select(win, func.count()).join(first, first.c.id == sub.c.id).group_by(win)
         ).all()
@@ -214,7 +215,7 @@ class Evaluation:
     log_evalue: float | None = None
 
 
-def first_decision(observations: Iterable[str], ab: ABSettings) -> Evaluation:
+def first_decision(observations: Iterable[Outcome], ab: ABSettings) -> Evaluation:
     """Replay ``observations`` through :func:`~backend.ab_test.decide`; stop at the first
     state that is not ``open``."""
     obs = list(observations)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 
@@ -52,7 +52,9 @@ def _action(result: publishing.ActionResult) -> VersionActionPublic:
     )
 
 
-_NOT_FOUND = {404: {"model": Message, "description": "Unknown version."}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Message, "description": "Unknown version."}
+}
 
 
 @router.post("/{version_id}/publish", response_model=VersionActionPublic, responses=_NOT_FOUND)
