@@ -15,10 +15,10 @@ up to ``settings.pair_pool_target`` *ready* pairs, i.e. active pairs that fewer 
    - **within-version** pairs (they feed training): two images of one prompt from the serving
      version, each with its own random seed and a random guidance scale drawn from a small
      grid around the model's default, both logged on the image row (as Pick-a-Pic does);
-   - **cross-version** pairs (they feed the leaderboard and the human A/B of each version
-     against its parent): the serving version and its parent on one prompt, with the same seed
-     and guidance scale, so only the model differs; :data:`CROSS_VERSION_FRACTION` of a batch
-     when the serving version has a parent;
+   - **cross-version** pairs (they feed the leaderboard, with the A/B pairs below): the
+     serving version and its parent on one prompt, with the same seed and guidance scale, so
+     only the model differs; :data:`CROSS_VERSION_FRACTION` of a batch when the serving
+     version has a parent;
    - **gold** pairs (controls, about ``settings.gold_fraction`` of a batch; built-in world
      only): a true render of the prompt against a render of a scene that differs in one
      attribute, with ``gold_answer`` naming the true one. Their images belong to a retired
