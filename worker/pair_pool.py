@@ -27,11 +27,12 @@ up to ``settings.pair_pool_target`` *ready* pairs, i.e. active pairs that fewer 
      version (a candidate, or the published version under the live monitor) against its
      parent on one prompt, with one fresh seed and guidance scale for both, sides in random
      order. Prompts come half from a fixed evaluation set (:func:`ab_eval_prompt_ids`), half
-     from the active prompts. Each test keeps about its share of the ready pairs
+     from the active prompts. An A/B pair is served to one annotator only
+     (``backend.services.pairs``) and retired once served, so each test keeps enough of the
+     ready pairs (:func:`ab_pair_fraction`) for about its share of the *served* pairs
      (``settings.ab_share`` split between open gates, ``settings.ab_live_share`` for the live
-     test), so about that share of served pairs. An A/B pair is served to one annotator only
-     (``backend.services.pairs``) and retired once served. A candidate's images appear in its
-     A/B pairs and nowhere else: within-version pairs come from the serving version only.
+     test). A candidate's images appear in its A/B pairs and nowhere else: within-version
+     pairs come from the serving version only.
 
 Image files are written first (content-addressed, temporary name then rename, by
 :class:`backend.storage.ImageStore`), then the batch's image and pair rows are inserted and
@@ -214,6 +215,21 @@ def count_ready(session: Session, overlap: int) -> int:
         )
         or 0
     )
+
+
+#: The A/B shares together never take more than this of the served pairs.
+MAX_AB_SHARE = 0.95
+
+
+def ab_pair_fraction(share: float, overlap: int) -> float:
+    """The fraction of the pool's ready pairs that must be A/B pairs for about ``share`` of the
+    *served* pairs to be: an A/B pair is served once, any other pair up to ``overlap`` times
+    (to different annotators), so ``f / (f + overlap (1 - f)) = share``, i.e.
+    ``f = share * overlap / (1 - share + share * overlap)``."""
+    s = min(max(share, 0.0), MAX_AB_SHARE)
+    if s == 0.0:
+        return 0.0
+    return s * overlap / (1.0 - s + s * overlap)
 
 
 def ab_plans(session: Session, serving_id: int, settings: Settings) -> list[ABPlan]:
@@ -673,11 +689,13 @@ def refill_pool(
             )
         ]
         plans = ab_plans(session, serving_id, settings)
+        total_share = sum(p.share for p in plans)
+        fraction = ab_pair_fraction(total_share, settings.pair_overlap)
         for p in plans:
-            # Keep about ``share`` of the ready pairs (what annotators draw from) as this
-            # test's, even when the pool is otherwise full: a new test starts at once.
+            # Keep this test's part of the ready pairs, even when the pool is otherwise full:
+            # a new test starts at once.
             target = settings.pair_pool_target
-            want = max(1, round(p.share * target)) if target > 0 else 0
+            want = max(1, round(fraction * target * p.share / total_share)) if target > 0 else 0
             p.todo = max(0, want - p.ready)
         plans = [p for p in plans if p.todo > 0]
         todo = max(deficit, sum(p.todo for p in plans))
@@ -753,6 +771,7 @@ __all__ = [
     "BATCH_PAIRS",
     "ABPlan",
     "ab_eval_prompt_ids",
+    "ab_pair_fraction",
     "ab_plans",
     "CROSS_VERSION_FRACTION",
     "count_ready",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
 import torch
 from sqlalchemy import select
 
@@ -170,3 +171,32 @@ def test_an_ab_pair_is_served_once_and_then_retired(make_env: Any, loop: Any) ->
     fresh = [p for p in pairs if p.kind == PairKind.ab and p.active]
     assert len(fresh) == 4 and all(p.ab_test_id for p in fresh)
     assert cand
+
+
+def test_the_ab_share_is_a_share_of_served_pairs_whatever_the_overlap(
+    make_env: Any, loop: Any
+) -> None:
+    from backend.services import pairs as pair_service
+
+    for share, overlap in [(0.25, 1), (0.25, 3), (0.1, 3), (0.5, 5)]:
+        f = pair_pool.ab_pair_fraction(share, overlap)
+        assert f / (f + overlap * (1 - f)) == pytest.approx(share)
+    assert pair_pool.ab_pair_fraction(0.0, 3) == 0.0
+
+    # Three annotators, each within-version pair served to all three, each A/B pair to one:
+    # a quarter of what they are served is A/B.
+    settings, db = make_env(pair_pool_target=16, ab_share=0.25, pair_overlap=3)
+    pair_pool.ensure_serving_version(db.write_session, settings.base_model)
+    _candidate(settings, db)
+    pair_pool.refill_pool(db.write_session, settings, seed=0)
+    kinds: Counter[PairKind] = Counter()
+    users = [loop.add_annotator(db, f"u{i}") for i in range(3)]
+    with db.transaction() as s:
+        for _ in range(40):
+            for u in users:
+                got = pair_service.serve_next_pair(
+                    s, user_id=u, daily_cap=1000, weekly_cap=1000, gold_fraction=0.0
+                )
+                if got is not None:
+                    kinds[got.kind] += 1
+    assert kinds[PairKind.ab] == 8 and kinds[PairKind.within_version] == 24, kinds
