@@ -30,8 +30,12 @@ finished state::
    ``<models_dir>/versions/round-<id>/adapter.safetensors`` and its SHA-256 checked; then one
    transaction (guarded on the round still being ours and ``evaluating``) inserts the
    :class:`ModelVersion` (``candidate``, ``parent_id``, metrics) and marks the round
-   ``succeeded``. With auto-publish on and an improved judge score the same transaction
-   publishes it. A version row exists only with its complete adapter file behind it.
+   ``succeeded``. In the same transaction the publish policy acts on it
+   (``backend.services.publishing.on_candidate``, docs/publishing.md): it opens the blind A/B
+   gate against the parent (``human`` / ``manual``), or publishes or retires it on the judge's
+   interval (``metric``). A version row exists only with its complete adapter file behind it.
+   A round whose held-out evaluation never beat its parent makes no version at all
+   (:func:`candidate_verdict`, docs/rounds.md).
 
 Failures: a diverged run (non-finite loss, loss-spike guard) fails the round with the
 trainer's reason and writes no version and no adapter at the final path; any other error
@@ -65,7 +69,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import and_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, aliased
 
@@ -75,13 +79,10 @@ from backend.models import (
     Image,
     ModelVersion,
     Pair,
-    PairKind,
     Prompt,
     RoundMetric,
     RoundStatus,
     TrainingRound,
-    User,
-    UserStatus,
     VersionStatus,
     Vote,
 )
@@ -302,14 +303,14 @@ def _load_image(store: ImageStore, rel: str) -> np.ndarray:
 def snapshot_rows(session: Session, *, max_vote_id: int, include_ties: bool) -> list[Any]:
     """The round's votes: ``(choice, winner_image_id, prompt, a_id, a_path, b_id, b_path)``.
 
-    Within-version votes up to ``max_vote_id``, by annotators who are not banned; left/right,
-    plus ties when ``include_ties``; both-bad and skip never.
+    :func:`backend.services.rounds.training_votes` (the one definition of the votes a round
+    trains on: within-version pairs, annotators not banned, left/right plus ties when
+    ``include_ties``) up to ``max_vote_id``, with each pair's prompt and images.
     """
-    choices = [Choice.left, Choice.right] + ([Choice.tie] if include_ties else [])
     img_a, img_b = aliased(Image), aliased(Image)
     return list(
         session.execute(
-            select(
+            round_service.training_votes(
                 Vote.choice,
                 Vote.winner_image_id,
                 Prompt.text,
@@ -317,18 +318,12 @@ def snapshot_rows(session: Session, *, max_vote_id: int, include_ties: bool) -> 
                 img_a.storage_path,
                 img_b.id,
                 img_b.storage_path,
+                include_ties=include_ties,
+                max_vote_id=max_vote_id,
             )
-            .join(Pair, Pair.id == Vote.pair_id)
             .join(Prompt, Prompt.id == Pair.prompt_id)
             .join(img_a, img_a.id == Pair.image_a_id)
             .join(img_b, img_b.id == Pair.image_b_id)
-            .join(User, User.id == Vote.user_id)
-            .where(
-                Vote.id <= max_vote_id,
-                Pair.kind == PairKind.within_version,
-                Vote.choice.in_(choices),
-                User.status != UserStatus.banned,
-            )
             .order_by(Vote.id)
         ).all()
     )
@@ -1033,19 +1028,8 @@ def sweep(
             out.redispatched.append(rnd.id)
         session.commit()
     for round_id in out.requeued + out.redispatched:
-        try:
-            task_id = dispatcher.dispatch_round(round_id)
-        except Exception:  # noqa: BLE001 - the next sweep tries again
-            log.exception("re-dispatching round %s failed", round_id)
-            continue
-        if task_id:
-            with session_factory() as session:
-                session.execute(
-                    update(TrainingRound)
-                    .where(TrainingRound.id == round_id, TrainingRound.status == RoundStatus.queued)
-                    .values(celery_task_id=task_id, updated_at=now)
-                )
-                session.commit()
+        with session_factory() as session:
+            round_service.commit_and_dispatch(session, dispatcher, round_id, now=now)
     if out.redispatched or out.requeued or out.failed:
         log.info("sweep: %s", out)
     return out
@@ -1079,23 +1063,8 @@ def maybe_schedule_round(
             config = resolve_config({}, base_model)
         rnd = round_service.create_round(session, config, created_by=None)
         round_id = rnd.id
-        session.commit()
-    log.info("scheduled round %s (every %d new votes)", round_id, settings.round_every_n_pairs)
-    try:
-        task_id = dispatcher.dispatch_round(round_id)
-    except Exception:  # noqa: BLE001 - the sweeper re-sends it
-        log.exception("dispatching scheduled round %s failed; the sweeper will retry", round_id)
-        return round_id
-    if task_id:
-        with session_factory() as session:
-            session.execute(
-                update(TrainingRound)
-                .where(
-                    and_(TrainingRound.id == round_id, TrainingRound.status == RoundStatus.queued)
-                )
-                .values(celery_task_id=task_id)
-            )
-            session.commit()
+        log.info("scheduled round %s (every %d new votes)", round_id, settings.round_every_n_pairs)
+        round_service.commit_and_dispatch(session, dispatcher, round_id)
     return round_id
 
 

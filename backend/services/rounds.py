@@ -67,12 +67,15 @@ def _training_votes(config: RoundConfig | None = None) -> Select[Any]:
     return training_votes(func.count(), func.max(Vote.id), include_ties=include_ties)
 
 
-def commit_and_dispatch(session: Session, dispatcher: Dispatcher, round_id: int) -> str | None:
+def commit_and_dispatch(
+    session: Session, dispatcher: Dispatcher, round_id: int, *, now: datetime | None = None
+) -> str | None:
     """Commit the session (the round must exist before a worker can see its id), hand the
     round to the workers, and record the task id on it (committed; only while the round is
     still ``queued``, so a worker that already claimed it keeps its own). A failed dispatch
     is logged and leaves the round ``queued``: the sweeper sends it again. Returns the task
-    id, or None."""
+    id, or None. ``now``: the round's ``updated_at`` with the task id (the sweeper's clock),
+    instead of the column's own default."""
     session.commit()
     try:
         task_id = dispatcher.dispatch_round(round_id)
@@ -83,7 +86,7 @@ def commit_and_dispatch(session: Session, dispatcher: Dispatcher, round_id: int)
         session.execute(
             update(TrainingRound)
             .where(TrainingRound.id == round_id, TrainingRound.status == RoundStatus.queued)
-            .values(celery_task_id=task_id)
+            .values(celery_task_id=task_id, **({"updated_at": now} if now else {}))
             .execution_options(synchronize_session=False)
         )
         session.commit()
