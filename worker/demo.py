@@ -13,10 +13,16 @@ and the built-in model ``builtin:shapes``. The demo:
    :data:`worker.shapes.tastes.DEMO_MIX`: the world's judge mixed with a liking for brighter
    images) with some label noise, until ``--votes`` votes are in;
 5. starts a training round through the API as admin (``POST /api/v1/rounds``, a few steps sized
-   for a CPU), follows it with a progress bar, and publishes the new version through the API
-   when the judge scored it above its parent;
-6. prints a summary (votes, round metrics, judge score of the parent and the new version);
-7. keeps serving until Ctrl-C (or exits, with ``--exit-after-loop``), then stops every child.
+   for a CPU) and follows it with a progress bar; the round holds out 15% of the votes by
+   prompt, keeps its best held-out checkpoint within its drift budget, and makes a candidate
+   only if it learned what the annotators prefer (docs/rounds.md);
+6. runs the candidate's blind A/B against its parent: the pool serves candidate-vs-parent pairs
+   (``PREFLOOP_AB_SHARE``, 0.5 in the demo), the same annotators keep voting, and a progress bar
+   follows ``GET /api/v1/versions/{id}/ab`` until the sequential test promotes (the version is
+   published: the publish policy ``human``) or rejects it (docs/publishing.md);
+7. prints a summary: votes, the round's held-out figures, the judge's change, and the A/B win
+   rate with its interval and the decision;
+8. keeps serving until Ctrl-C (or exits, with ``--exit-after-loop``), then stops every child.
 
 Run it with ``make demo`` or ``python -m worker.demo`` (``--help`` lists the knobs).
 """
@@ -47,6 +53,8 @@ STOP_TIMEOUT_S = 20.0
 ADMIN_PASSWORD_FILE = "demo_admin_password"
 #: The demo's pool: small enough to fill in about a minute on a laptop CPU.
 DEMO_POOL_TARGET = 64
+#: The demo's A/B share of served pairs while a candidate is judged (product default 0.25).
+DEMO_AB_SHARE = "0.5"
 
 
 # ---------------------------------------------------------------------------- children
@@ -223,9 +231,11 @@ def run_annotators(
     noise: float,
     max_seconds: float,
     taste: TasteMix | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, int]:
-    """Simulated annotators voting in parallel until ``votes`` votes are in; ``taste`` (a
-    :class:`~worker.shapes.tastes.TasteMix`, default: the judge alone) is what they prefer."""
+    """Simulated annotators voting in parallel until ``votes`` votes are in (or, with ``stop``,
+    until it is set); ``taste`` (a :class:`~worker.shapes.tastes.TasteMix`, default: the judge
+    alone) is what they prefer."""
     from worker.simulated_annotator import SimulatedAnnotator
 
     share = [votes // annotators + (1 if i < votes % annotators else 0) for i in range(annotators)]
@@ -243,7 +253,14 @@ def run_annotators(
             seed=i,
         )
         try:
-            stats = ann.run(share[i], max_seconds=max_seconds)
+            if stop is None:
+                stats = ann.run(share[i], max_seconds=max_seconds)
+            else:
+                deadline = time.monotonic() + max_seconds
+                while not stop.is_set() and time.monotonic() < deadline:
+                    if ann.step() is None:
+                        stop.wait(0.5)
+                stats = ann.stats
             with lock:
                 totals["votes"] = totals.get("votes", 0) + stats.votes
                 for k, v in stats.counts.items():
@@ -286,6 +303,66 @@ def follow_round(api: Api, round_id: int, children: Children) -> dict[str, Any]:
         bar.close()
 
 
+def follow_ab(api: Api, version_id: int, children: Children, max_seconds: float) -> dict[str, Any]:
+    """Poll the candidate's blind A/B gate (``GET /versions/{id}/ab``), drawing a bar of the
+    votes it has against its budget, until it is decided or ``max_seconds`` pass."""
+    from tqdm.auto import tqdm
+
+    ab = api.call("GET", f"/versions/{version_id}/ab")
+    gate = ab.get("gate") or {}
+    bar = tqdm(total=max(1, int(gate.get("budget") or 1)), desc="A/B vs parent", unit="vote")
+    deadline = time.monotonic() + max_seconds
+    try:
+        while True:
+            children.check_alive()
+            ab = api.call("GET", f"/versions/{version_id}/ab")
+            gate = ab.get("gate") or {}
+            bar.n = int(gate.get("battles") or 0)
+            rate = gate.get("win_rate")
+            bar.set_postfix(
+                W=gate.get("wins", 0),
+                L=gate.get("losses", 0),
+                T=gate.get("ties", 0),
+                win=f"{rate:.2f}" if isinstance(rate, float) else "-",
+                state=gate.get("state", "-"),
+            )
+            bar.refresh()
+            if gate.get("state") not in (None, "open") or time.monotonic() > deadline:
+                return dict(ab)
+            time.sleep(1.0)
+    finally:
+        bar.close()
+
+
+def ab_phase(
+    a: argparse.Namespace,
+    api: Api,
+    url: str,
+    version_id: int,
+    settings: Any,
+    children: Children,
+) -> dict[str, Any]:
+    """The candidate's blind A/B against its parent: the pool serves candidate-vs-parent pairs
+    beside the usual ones, the same simulated annotators keep voting (blind: they see a prompt
+    and two images), and the sequential test decides. Returns ``GET /versions/{id}/ab``."""
+    from worker.celery_app import create_celery
+    from worker.queues import GENERATE_PAIRS
+
+    create_celery(settings).send_task(GENERATE_PAIRS)  # the A/B pairs now, not at beat's tick
+    stop = threading.Event()
+    voters = threading.Thread(
+        target=run_annotators,
+        args=(url, 0, a.annotators, a.noise, a.ab_timeout, a.taste, stop),
+        daemon=True,
+    )
+    voters.start()
+    try:
+        return follow_ab(api, version_id, children, a.ab_timeout)
+    finally:
+        stop.set()
+        voters.join(timeout=30)
+
+
 def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
@@ -325,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the API + UI server's port",
     )
     p.add_argument("--annotators", type=int, default=3, help="simulated annotators")
-    p.add_argument("--votes", type=int, default=150, help="votes to collect before training")
+    p.add_argument("--votes", type=int, default=200, help="votes to collect before training")
     p.add_argument("--noise", type=float, default=0.1, help="annotators' label noise")
     p.add_argument(
         "--taste",
@@ -337,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="training steps of the round")
     p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts judged")
     p.add_argument("--vote-timeout", type=float, default=900.0, help="seconds to collect votes")
+    p.add_argument(
+        "--ab-timeout",
+        type=float,
+        default=900.0,
+        help="seconds the candidate's blind A/B may take before the demo reports it undecided",
+    )
     p.add_argument(
         "--exit-after-loop",
         action="store_true",
@@ -367,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         PYTHONUNBUFFERED="1",
     )
     env.setdefault("PREFLOOP_PAIR_POOL_TARGET", str(DEMO_POOL_TARGET))
+    # Half the served pairs are A/B pairs while a candidate is judged (the product's default is
+    # a quarter), so that the demo's decision comes in a few minutes on a CPU.
+    env.setdefault("PREFLOOP_AB_SHARE", DEMO_AB_SHARE)
     env.setdefault("PREFLOOP_LOG_JSON", "false")
     for key in (
         "PREFLOOP_DATA_DIR",
@@ -374,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "PREFLOOP_ADMIN_PASSWORD",
         "PREFLOOP_PAIR_POOL_TARGET",
         "PREFLOOP_LOG_JSON",
+        "PREFLOOP_AB_SHARE",
     ):
         os.environ[key] = env[key]  # this process's settings match its children's
 
@@ -475,33 +562,64 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
             print(summary_table(rows))
         else:
             m = rnd["metrics"]
-            published = bool(m.get("published"))
-            if m.get("improved") and not published:
-                api.call("POST", f"/versions/{rnd['version_id']}/publish")
-                published = True
             rows = [
                 ("votes collected", str(votes.get("votes", 0))),
-                ("training pairs", str(m.get("pairs"))),
+                ("training pairs", f"{m.get('pairs')} (+ {m.get('heldout_pairs')} held out)"),
                 (
                     "steps",
                     f"{m.get('steps')} of {m.get('steps_requested')} requested "
-                    f"({m.get('epochs')} epochs; max_epochs caps a round on few pairs)",
-                ),
-                ("final loss", _fmt(m.get("loss"))),
-                ("implicit accuracy", _fmt(m.get("implicit_acc"), 3)),
-                ("train seconds", _fmt(m.get("train_seconds"), 1)),
-                ("judge, parent", _fmt(m.get("judge_parent"))),
-                ("judge, new version", _fmt(m.get("judge_new"))),
-                (
-                    "judge delta (± sem)",
-                    f"{_fmt(m.get('judge_delta'))} ± {_fmt(m.get('judge_delta_sem'))}",
-                ),
-                (
-                    "new version",
-                    f"{rnd['version_id']} "
-                    f"({'published' if published else 'candidate: did not beat its parent'})",
+                    f"({m.get('epochs')} epochs at most); best at step {m.get('best_step')}"
+                    + (f"; {m['stop_reason']}" if m.get("stop_reason") else ""),
                 ),
             ]
+            best = m.get("heldout_best") or {}
+            if best:
+                rows.append(
+                    (
+                        "held-out (best)",
+                        f"accuracy {_fmt(best.get('accuracy'), 3)}, loss "
+                        f"{_fmt(best.get('loss'))}, drift {_fmt(best.get('drift'), 3)}",
+                    )
+                )
+            rows.append(("train seconds", _fmt(m.get("train_seconds"), 1)))
+            if m.get("candidate") is False:
+                rows.append(("candidate", f"none: {m.get('no_candidate_reason')}"))
+            else:
+                vid = rnd["version_id"]
+                rows += [
+                    ("judge, parent", _fmt(m.get("judge_parent"))),
+                    ("judge, candidate", _fmt(m.get("judge_new"))),
+                    (
+                        "judge change (± sem)",
+                        f"{_fmt(m.get('judge_delta'))} ± {_fmt(m.get('judge_delta_sem'))}",
+                    ),
+                    ("validation grid", f"{url}/api/v1/versions/{vid}/samples (admin)"),
+                ]
+                if m.get("policy_action") == "ab_gate":
+                    print(
+                        f"candidate version {vid} faces its parent in blind A/B: the pool "
+                        "serves candidate-vs-parent pairs and the same annotators vote..."
+                    )
+                    ab = ab_phase(a, api, url, vid, settings, children)
+                    gate = ab.get("gate") or {}
+                    lo, hi = (gate.get("interval") or [None, None])[:2]
+                    rows += [
+                        (
+                            "A/B votes",
+                            f"{gate.get('battles')}: {gate.get('wins')} wins, "
+                            f"{gate.get('losses')} losses, {gate.get('ties')} ties",
+                        ),
+                        (
+                            "A/B win rate [95% CI]",
+                            f"{_fmt(gate.get('win_rate'), 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]",
+                        ),
+                        ("A/B decision", f"{gate.get('state')}: {gate.get('reason')}"),
+                    ]
+                    status = ab.get("status")
+                else:
+                    status = "published" if m.get("published") else "candidate"
+                    rows.append(("publish policy", f"{m.get('policy_reason')}"))
+                rows.append(("new version", f"{vid} ({status})"))
             print(summary_table(rows))
     finally:
         api.close()
