@@ -21,6 +21,9 @@ own copy to modify.
 
 Stored adapter paths are relative to ``models_dir`` (absolute paths are accepted too), so a
 data directory can move as a whole.
+
+A backbone that a round has trained still holds its parent: :func:`parent_view` gives it
+(adapters disabled, or the frozen reference copy of a full fine-tune).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from sqlalchemy import select
@@ -182,6 +188,24 @@ def load_lineage(chain: list[VersionLink], *, device: torch.device | str | None 
     backbone.extra["version_id"] = leaf.id
     backbone.extra["version_name"] = leaf.name
     return backbone
+
+
+@contextmanager
+def parent_view(backbone: Any) -> Iterator[Any]:
+    """The parent model inside a trained backbone: adapters disabled (LoRA) or the frozen
+    reference copy (full fine-tune)."""
+    import dataclasses
+
+    from worker.alignment.adapters import adapters_disabled, has_adapter
+
+    reference = backbone.extra.get("reference_unet")
+    if reference is not None:
+        yield dataclasses.replace(backbone, unet=reference)
+    elif has_adapter(backbone.unet):
+        with adapters_disabled(backbone.unet):
+            yield backbone
+    else:
+        raise RuntimeError("the trained backbone has neither an adapter nor a reference copy")
 
 
 # ---------------------------------------------------------------------------- cache

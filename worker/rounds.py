@@ -1,18 +1,23 @@
-"""Training rounds on the GPU worker: the state machine, the sweeper and the schedule.
+"""Training rounds on the GPU worker: :func:`run_round` (the ``train.round`` task).
 
-:func:`run_round` (the ``train.round`` task) takes a committed round from ``queued`` to a
-finished state::
+The round's code, by job:
+
+- :mod:`worker.rounds` (this module): :func:`run_round` and its steps (the dataset snapshot,
+  training with progress, the candidate rule, validation samples, publishing the candidate),
+  and the paths of a round's files.
+- :mod:`worker.round_state`: the round's state machine on the database (the claim, guarded
+  updates, the heartbeat, the stop check).
+- :mod:`worker.round_schedule`: the sweeper and the scheduler (the ``rounds.sweep`` task).
+- :mod:`worker.shapes.evaluation`: the built-in judge's evaluation against the parent.
+
+:func:`run_round` takes a committed round from ``queued`` to a finished state::
 
     queued -> running -> evaluating -> succeeded
                  |            |
                  +------------+--> failed | cancelled
 
-1. **Claim.** In one transaction (row lock): a finished round is left alone, so a second
-   delivery of the task changes nothing; a ``running`` / ``evaluating`` round whose owner is
-   alive (fresh heartbeat, another task id) is left alone too; otherwise (queued, or the
-   owner's heartbeat is older than :data:`STALE_AFTER_S`, or this very task is redelivered
-   after its worker died) the round becomes ``running`` under this task's id, ``attempts``
-   goes up, and after :data:`MAX_ATTEMPTS` it fails instead.
+1. **Claim** (:mod:`worker.round_state`). The round becomes ``running`` under this task's id,
+   unless it is finished, owned by another live worker, or out of attempts.
 2. **Dataset snapshot.** Within-version votes with ``id <= snapshot_max_vote_id`` (so a retry
    sees the same data), by annotators who are not banned: left/right as (winner, loser), ties
    only when ``config.include_ties``, both-bad and skip never. Images are read from storage.
@@ -40,12 +45,8 @@ finished state::
 Failures: a diverged run (non-finite loss, loss-spike guard) fails the round with the
 trainer's reason and writes no version and no adapter at the final path; any other error
 fails it with the error's text. An error that prevents writing the failure (the database is
-down) leaves the round ``running``; its heartbeat stops and :func:`sweep` re-queues it.
-
-:func:`sweep` (the ``rounds.sweep`` task, run by beat) re-dispatches queued rounds that no
-worker picked up and re-queues (or, after :data:`MAX_ATTEMPTS`, fails) rounds whose worker
-stopped beating. :func:`maybe_schedule_round` starts a round every
-``settings.round_every_n_pairs`` new training votes.
+down) leaves the round ``running``; its heartbeat stops and
+:func:`worker.round_schedule.sweep` re-queues it.
 """
 
 from __future__ import annotations
@@ -56,24 +57,19 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, aliased
 
-from backend.dispatch import Dispatcher
 from backend.models import (
     Choice,
     Image,
@@ -86,51 +82,38 @@ from backend.models import (
     VersionStatus,
     Vote,
 )
-from backend.round_config import RoundConfig, epoch_capped_steps, resolve_config
+from backend.round_config import RoundConfig, epoch_capped_steps
 from backend.services import rounds as round_service
 from backend.services import versions as version_service
-from backend.services.common import as_utc, dialect_insert
+from backend.services.common import dialect_insert
 from backend.settings import Settings
 from backend.storage import ImageStore
 from worker import model_registry
 from worker.alignment.data import split_by_prompt
+from worker.round_state import (
+    ACTIVE,
+    RoundFailed,
+    SessionFactory,
+    _Claim,
+    _claim,
+    _current_status,
+    _guarded_update,
+    _Heartbeat,
+    _NotOwner,
+    _now,
+    _set,
+    _StopCheck,
+)
+from worker.shapes.evaluation import evaluate_against_parent
 
 log = logging.getLogger(__name__)
 
-SessionFactory = Callable[[], Session]
-
-#: A round is given up after this many claims (first run plus retries).
-MAX_ATTEMPTS = 3
-#: The running worker touches the round's ``updated_at`` this often.
-HEARTBEAT_EVERY_S = 15.0
-#: A running round whose ``updated_at`` is older than this has lost its worker.
-STALE_AFTER_S = 300.0
-#: A queued round not started after this long is dispatched again by the sweeper.
-REDISPATCH_AFTER_S = 120.0
 #: Progress and metric rows are written at most this often (and at the last step).
 PROGRESS_EVERY_S = 1.0
 #: Metric rows per INSERT (SQLite caps the bound parameters of one statement).
 METRIC_ROWS_PER_STATEMENT = 500
-#: The cancellation check reads the database at most this often.
-STOP_CHECK_EVERY_S = 1.0
-#: Evaluation images use seeds ``EVAL_SEED + i`` and a fixed choice of held-out prompts.
-EVAL_SEED = 1234
 ADAPTER_FILENAME = "adapter.safetensors"
 FULL_WEIGHTS_FILENAME = "unet.safetensors"
-
-ACTIVE = (RoundStatus.running, RoundStatus.evaluating)
-
-
-class RoundFailed(Exception):
-    """The round cannot succeed; the message is stored as its error."""
-
-
-class _NotOwner(Exception):
-    """The round was cancelled, finished or taken over while this worker ran it."""
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def version_name(round_id: int) -> str:
@@ -161,130 +144,6 @@ def train_config(config: dict[str, Any]) -> Any:
         return TrainConfig(**train_config_kwargs(rc))
     except ConfigError as exc:
         raise RoundFailed(f"invalid training config: {exc}") from None
-
-
-# ---------------------------------------------------------------------------- claim
-@dataclass
-class _Claim:
-    round_id: int
-    owner: str
-    config: dict[str, Any]
-    parent_version_id: int | None
-    snapshot_max_vote_id: int
-    attempt: int
-
-
-def _claim(session_factory: SessionFactory, round_id: int, owner: str) -> _Claim | None:
-    with session_factory() as session:
-        rnd = session.scalars(
-            select(TrainingRound).where(TrainingRound.id == round_id).with_for_update()
-        ).first()
-        if rnd is None:
-            log.warning("round %s does not exist; nothing to do", round_id)
-            return None
-        status = RoundStatus(rnd.status)
-        if status.finished:
-            log.info("round %s already %s; nothing to do", round_id, status.value)
-            return None
-        now = _now()
-        if status in ACTIVE:
-            age = (now - (as_utc(rnd.updated_at) or now)).total_seconds()
-            if rnd.celery_task_id != owner and age < STALE_AFTER_S:
-                log.info(
-                    "round %s is %s under task %s (alive); not taking it over",
-                    round_id,
-                    status.value,
-                    rnd.celery_task_id,
-                )
-                return None
-            log.warning(
-                "round %s was %s under task %s, silent for %.0f s: resuming it",
-                round_id,
-                status.value,
-                rnd.celery_task_id,
-                age,
-            )
-        if rnd.attempts >= MAX_ATTEMPTS:
-            rnd.status = RoundStatus.failed
-            rnd.error = f"gave up after {rnd.attempts} attempts" + (
-                f"; last error: {rnd.error}" if rnd.error else ""
-            )
-            rnd.finished_at = now
-            rnd.updated_at = now
-            session.commit()
-            return None
-        rnd.status = RoundStatus.running
-        rnd.attempts = (rnd.attempts or 0) + 1
-        rnd.celery_task_id = owner
-        rnd.started_at = rnd.started_at or now
-        rnd.updated_at = now
-        rnd.error = None
-        claim = _Claim(
-            round_id=rnd.id,
-            owner=owner,
-            config=dict(rnd.config or {}),
-            parent_version_id=rnd.parent_version_id,
-            snapshot_max_vote_id=int(rnd.snapshot_max_vote_id or 0),
-            attempt=rnd.attempts,
-        )
-        session.commit()
-        return claim
-
-
-def _guarded_update(
-    session: Session, claim: _Claim, statuses: tuple[RoundStatus, ...], **values: Any
-) -> bool:
-    """Update the round only if it is still ours and in ``statuses``; True when it was."""
-    values.setdefault("updated_at", _now())
-    result = session.execute(
-        update(TrainingRound)
-        .where(
-            TrainingRound.id == claim.round_id,
-            TrainingRound.celery_task_id == claim.owner,
-            TrainingRound.status.in_(statuses),
-        )
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def _set(
-    session_factory: SessionFactory, claim: _Claim, statuses: tuple[RoundStatus, ...], **values: Any
-) -> bool:
-    with session_factory() as session:
-        ok = _guarded_update(session, claim, statuses, **values)
-        session.commit()
-        return ok
-
-
-class _Heartbeat:
-    """Touches the round's ``updated_at`` every :data:`HEARTBEAT_EVERY_S` while it runs."""
-
-    def __init__(self, session_factory: SessionFactory, claim: _Claim) -> None:
-        self._factory, self._claim = session_factory, claim
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"round-{claim.round_id}-heartbeat", daemon=True
-        )
-        self.lost = False
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_EVERY_S):
-            try:
-                if not _set(self._factory, self._claim, ACTIVE):
-                    self.lost = True
-                    return
-            except Exception:  # noqa: BLE001 - a missed beat is retried on the next one
-                log.exception("heartbeat of round %s failed", self._claim.round_id)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=HEARTBEAT_EVERY_S + 5)
 
 
 # ---------------------------------------------------------------------------- dataset
@@ -493,100 +352,6 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-class _StopCheck:
-    """``should_stop`` for the trainer: the round was cancelled or is no longer ours."""
-
-    def __init__(
-        self, session_factory: SessionFactory, claim: _Claim, heartbeat: _Heartbeat
-    ) -> None:
-        self._factory, self._claim, self._hb = session_factory, claim, heartbeat
-        self._checked = 0.0
-        self.reason: str | None = None
-
-    def __call__(self) -> bool:
-        if self.reason is not None:
-            return True
-        if self._hb.lost:
-            self.reason = "lost"
-            return True
-        if time.monotonic() - self._checked < STOP_CHECK_EVERY_S:
-            return False
-        self._checked = time.monotonic()
-        with self._factory() as session:
-            row = session.execute(
-                select(TrainingRound.status, TrainingRound.celery_task_id).where(
-                    TrainingRound.id == self._claim.round_id
-                )
-            ).first()
-            session.rollback()
-        if row is None or row[1] != self._claim.owner:
-            self.reason = "lost"
-        elif RoundStatus(row[0]) == RoundStatus.cancelled:
-            self.reason = "cancelled"
-        elif RoundStatus(row[0]) != RoundStatus.running:
-            self.reason = "lost"
-        return self.reason is not None
-
-
-# ---------------------------------------------------------------------------- evaluation
-def eval_prompts(n: int) -> list[str]:
-    """``n`` held-out prompts of the built-in world, always the same ones for a given ``n``."""
-    from worker.shapes import world
-
-    _, held_out = world.split_prompts()
-    order = np.random.default_rng(EVAL_SEED).permutation(len(held_out))
-    return [held_out[i] for i in order[: min(n, len(held_out))]]
-
-
-def judge_scores(backbone: Any, prompts: list[str]) -> np.ndarray:
-    """The judge's score of each prompt's image (seed ``EVAL_SEED + i``)."""
-    from worker.alignment.sampling import sample
-    from worker.shapes.judge import judge
-
-    images = sample(backbone, prompts, [EVAL_SEED + i for i in range(len(prompts))])
-    return np.array([judge(g.image, p).score for g, p in zip(images, prompts, strict=True)])
-
-
-@contextmanager
-def _parent_view(backbone: Any) -> Iterator[Any]:
-    """The parent model inside a trained backbone: adapters disabled (LoRA) or the frozen
-    reference copy (full fine-tune)."""
-    import dataclasses
-
-    from worker.alignment.adapters import adapters_disabled, has_adapter
-
-    reference = backbone.extra.get("reference_unet")
-    if reference is not None:
-        yield dataclasses.replace(backbone, unet=reference)
-    elif has_adapter(backbone.unet):
-        with adapters_disabled(backbone.unet):
-            yield backbone
-    else:
-        raise RuntimeError("the trained backbone has neither an adapter nor a reference copy")
-
-
-def evaluate_against_parent(backbone: Any, n_prompts: int) -> dict[str, Any]:
-    """Judge metrics of the trained model against its parent on held-out prompts."""
-    prompts = eval_prompts(n_prompts)
-    if not prompts:
-        return {}
-    new = judge_scores(backbone, prompts)
-    with _parent_view(backbone) as parent_model:
-        old = judge_scores(parent_model, prompts)
-    diff = new - old
-    sem = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return {
-        "eval_prompts": len(prompts),
-        "eval_seed": EVAL_SEED,
-        "judge_parent": round(float(old.mean()), 5),
-        "judge_new": round(float(new.mean()), 5),
-        "judge_delta": round(float(diff.mean()), 5),
-        "judge_delta_sem": round(sem, 5),
-        "judge_win_rate": round(float((diff > 0).mean()), 4),
-        "improved": bool(diff.mean() > 0),
-    }
-
-
 # ---------------------------------------------------------------------------- files
 def _atomic_copy(src: Path, dest: Path) -> str:
     """Copy ``src`` to ``dest`` through a temporary file and a rename; returns the SHA-256."""
@@ -657,13 +422,6 @@ def run_round(
         log.exception("round %s failed", round_id)
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         _fail(session_factory, claim, settings, detail)
-
-
-def _current_status(session_factory: SessionFactory, round_id: int) -> RoundStatus | None:
-    with session_factory() as session:
-        status = session.scalar(select(TrainingRound.status).where(TrainingRound.id == round_id))
-        session.rollback()
-    return RoundStatus(status) if status is not None else None
 
 
 def _fail(session_factory: SessionFactory, claim: _Claim, settings: Settings, error: str) -> None:
@@ -879,7 +637,7 @@ def _render_samples(
         return 0
 
     def sample_parent(p: list[str], s: list[int]) -> list[Any]:
-        with _parent_view(backbone) as parent_model:
+        with model_registry.parent_view(backbone) as parent_model:
             return sampler_for(parent_model)(p, s)
 
     dest = version_adapter_path(settings, version_name(round_id)).parent / SAMPLES_DIRNAME
@@ -964,119 +722,3 @@ def _publish_candidate(
         sha[:12],
         ", published" if publish else "",
     )
-
-
-# ---------------------------------------------------------------------------- sweeper
-@dataclass
-class SweepResult:
-    redispatched: list[int] = field(default_factory=list)
-    requeued: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-
-
-def sweep(
-    session_factory: SessionFactory,
-    dispatcher: Dispatcher,
-    *,
-    redispatch_after_s: float = REDISPATCH_AFTER_S,
-    stale_after_s: float = STALE_AFTER_S,
-    now: datetime | None = None,
-) -> SweepResult:
-    """Re-send committed rounds that no worker runs.
-
-    - ``queued`` rounds untouched for ``redispatch_after_s`` (their dispatch failed, or the
-      message was lost) are dispatched again; a duplicate message is harmless, because the
-      claim ignores a round another live worker owns.
-    - ``running`` / ``evaluating`` rounds whose heartbeat is older than ``stale_after_s`` lost
-      their worker: they go back to ``queued`` and are dispatched again (the next claim resumes
-      from the trainer's checkpoint), or fail once they have had :data:`MAX_ATTEMPTS`.
-
-    Every state change is committed before its message is sent.
-    """
-    now = now or _now()
-    out = SweepResult()
-    with session_factory() as session:
-        stale = session.scalars(
-            select(TrainingRound)
-            .where(
-                TrainingRound.status.in_(ACTIVE),
-                TrainingRound.updated_at < now - timedelta(seconds=stale_after_s),
-            )
-            .with_for_update()
-        ).all()
-        for rnd in stale:
-            if rnd.attempts >= MAX_ATTEMPTS:
-                rnd.status = RoundStatus.failed
-                rnd.error = f"the worker was lost {rnd.attempts} times; giving up"
-                rnd.finished_at = now
-                out.failed.append(rnd.id)
-            else:
-                rnd.status = RoundStatus.queued
-                rnd.error = f"worker lost during attempt {rnd.attempts}; re-queued"
-                out.requeued.append(rnd.id)
-            rnd.updated_at = now
-        waiting = session.scalars(
-            select(TrainingRound)
-            .where(
-                TrainingRound.status == RoundStatus.queued,
-                TrainingRound.updated_at < now - timedelta(seconds=redispatch_after_s),
-            )
-            .with_for_update()
-        ).all()
-        for rnd in waiting:
-            rnd.updated_at = now
-            out.redispatched.append(rnd.id)
-        session.commit()
-    for round_id in out.requeued + out.redispatched:
-        with session_factory() as session:
-            round_service.commit_and_dispatch(session, dispatcher, round_id, now=now)
-    if out.redispatched or out.requeued or out.failed:
-        log.info("sweep: %s", out)
-    return out
-
-
-def maybe_schedule_round(
-    session_factory: SessionFactory, settings: Settings, dispatcher: Dispatcher
-) -> int | None:
-    """Queue a round on the serving version when ``settings.round_every_n_pairs`` new training
-    votes arrived since the last round's snapshot and no round is active; dispatch it after
-    the commit. Returns the new round's id.
-
-    The config is the latest succeeded round's (what an admin last chose and saw work), else
-    the defaults for the serving version's base model family.
-    """
-    if settings.round_every_n_pairs <= 0:
-        return None
-    with session_factory() as session:
-        if not round_service.round_due(session, settings.round_every_n_pairs):
-            return None
-        last = session.scalars(
-            select(TrainingRound.config)
-            .where(TrainingRound.status == RoundStatus.succeeded)
-            .order_by(TrainingRound.id.desc())
-            .limit(1)
-        ).first()
-        base_model = round_service.base_model_for(session, None, settings.base_model)
-        try:
-            config = RoundConfig.model_validate(last) if last else resolve_config({}, base_model)
-        except ValueError:
-            config = resolve_config({}, base_model)
-        rnd = round_service.create_round(session, config, created_by=None)
-        round_id = rnd.id
-        log.info("scheduled round %s (every %d new votes)", round_id, settings.round_every_n_pairs)
-        round_service.commit_and_dispatch(session, dispatcher, round_id)
-    return round_id
-
-
-def sweep_and_schedule(
-    session_factory: SessionFactory, settings: Settings, dispatcher: Dispatcher
-) -> dict[str, Any]:
-    """The periodic job of ``rounds.sweep``: :func:`sweep`, then :func:`maybe_schedule_round`."""
-    result = sweep(session_factory, dispatcher)
-    scheduled = maybe_schedule_round(session_factory, settings, dispatcher)
-    return {
-        "redispatched": result.redispatched,
-        "requeued": result.requeued,
-        "failed": result.failed,
-        "scheduled": scheduled,
-    }

@@ -10,7 +10,7 @@ every worker (``app.conf.imports``). The tasks are ``shared_task`` so that an ap
   (connection lost, lock timeout); never on other exceptions, which fail the round instead.
 - ``pairs.generate`` (GPU: it samples the model): :func:`worker.pair_pool.refill_pool`. Beat
   sends it periodically; a failed run is simply replaced by the next one.
-- ``rounds.sweep`` (CPU): :func:`worker.rounds.sweep_and_schedule`, which re-queues rounds
+- ``rounds.sweep`` (CPU): :func:`worker.round_schedule.sweep_and_schedule`, which re-queues rounds
   committed but never dispatched or orphaned, and starts scheduled rounds.
 - ``ab.check`` (CPU): :func:`backend.services.publishing.check_open_tests`, which records the
   first decision of every open A/B test and applies the publish policy (the API already
@@ -29,7 +29,7 @@ from backend.db import Database
 from backend.dispatch import CeleryDispatcher
 from backend.services import publishing
 from backend.settings import Settings, get_settings
-from worker import pair_pool, rounds
+from worker import pair_pool, round_schedule, rounds
 from worker.queues import AB_CHECK, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND
 
 #: Transient errors worth retrying a task for: the database went away or stayed locked.
@@ -73,7 +73,7 @@ def generate_pairs() -> int:
 
 @shared_task(name=SWEEP, queue=TASK_QUEUES[SWEEP].value, acks_late=True)
 def sweep_rounds() -> dict[str, Any]:
-    return rounds.sweep_and_schedule(_database().write_session, _settings(), _dispatcher())
+    return round_schedule.sweep_and_schedule(_database().write_session, _settings(), _dispatcher())
 
 
 @shared_task(name=AB_CHECK, queue=TASK_QUEUES[AB_CHECK].value, acks_late=True)

@@ -145,7 +145,8 @@ def test_new_settings_are_documented_and_resumable_where_it_makes_sense():
 
 
 def test_round_config_train_config_uses_the_mapping():
-    from worker.rounds import RoundFailed, train_config
+    from worker.round_state import RoundFailed
+    from worker.rounds import train_config
 
     stored = RoundConfig(steps=33, full_finetune=True).model_dump(mode="json")
     assert train_config(stored) == TrainConfig(

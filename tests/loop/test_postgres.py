@@ -20,7 +20,7 @@ from backend.db import Database
 from backend.migrate import upgrade
 from backend.models import ModelVersion, RoundMetric, RoundStatus, TrainingRound
 from backend.settings import Settings
-from worker import model_registry, pair_pool, rounds
+from worker import model_registry, pair_pool, round_schedule, rounds
 
 PG_ADMIN_URL = os.environ.get(
     "PREFLOOP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -97,7 +97,7 @@ def test_refill_and_round_on_postgresql(
                 rnd.attempts,
                 rnd.updated_at,
             )
-        assert rounds.sweep(db.write_session, loop.RecordingDispatcher()).requeued == []
+        assert round_schedule.sweep(db.write_session, loop.RecordingDispatcher()).requeued == []
     finally:
         db.dispose()
         model_registry.clear_cache()

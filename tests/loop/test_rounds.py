@@ -1,4 +1,5 @@
-"""worker.rounds.run_round, sweep and maybe_schedule_round, called directly on real rows.
+"""worker.rounds.run_round and worker.round_schedule (sweep, maybe_schedule_round), called
+directly on real rows.
 
 Each test uses a fresh SQLite database at ``alembic upgrade head``, a pool made by the real
 ``refill_pool`` from a tiny built-in model, and votes written as the API writes them. Training
@@ -26,7 +27,7 @@ from backend.models import (
     Vote,
 )
 from backend.services import rounds as round_service
-from worker import model_registry, pair_pool, rounds
+from worker import model_registry, pair_pool, round_schedule, round_state, rounds
 
 
 def _round(db: Any, round_id: int) -> TrainingRound:
@@ -177,7 +178,7 @@ def test_cancelled_round_stops_without_a_version(
 ) -> None:
     settings, db, _ = voted_env()
     round_id = loop.create_round(db, steps=40)
-    monkeypatch.setattr(rounds, "STOP_CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(round_state, "STOP_CHECK_EVERY_S", 0.0)
     call = rounds._ProgressWriter.__call__
 
     def cancel_at_step_3(self: Any, m: Any) -> None:
@@ -310,12 +311,12 @@ def test_round_of_a_dead_worker_is_swept_and_resumed_from_its_checkpoint(
 
     # The sweeper: nothing is stale yet.
     dispatcher = loop.RecordingDispatcher()
-    result = rounds.sweep(db.write_session, dispatcher)
+    result = round_schedule.sweep(db.write_session, dispatcher)
     assert result.requeued == [] and dispatcher.sent == []
 
     # Ten minutes without a heartbeat: re-queued and re-dispatched.
-    later = datetime.now(UTC) + timedelta(seconds=rounds.STALE_AFTER_S + 60)
-    result = rounds.sweep(db.write_session, dispatcher, now=later)
+    later = datetime.now(UTC) + timedelta(seconds=round_state.STALE_AFTER_S + 60)
+    result = round_schedule.sweep(db.write_session, dispatcher, now=later)
     assert result.requeued == [round_id] and dispatcher.sent == [round_id]
     rnd = _round(db, round_id)
     assert RoundStatus(rnd.status) == RoundStatus.queued
@@ -372,13 +373,13 @@ def test_rounds_give_up_after_max_attempts(voted_env: Any, loop: Any) -> None:
             .where(TrainingRound.id == round_id)
             .values(
                 status=RoundStatus.running,
-                attempts=rounds.MAX_ATTEMPTS,
+                attempts=round_state.MAX_ATTEMPTS,
                 updated_at=old,
                 celery_task_id="gone",
             )
         )
     dispatcher = loop.RecordingDispatcher()
-    result = rounds.sweep(db.write_session, dispatcher)
+    result = round_schedule.sweep(db.write_session, dispatcher)
     assert result.failed == [round_id] and dispatcher.sent == []
     rnd = _round(db, round_id)
     assert RoundStatus(rnd.status) == RoundStatus.failed
@@ -389,11 +390,11 @@ def test_sweep_redispatches_queued_rounds_nobody_started(voted_env: Any, loop: A
     settings, db, _ = voted_env()
     round_id = loop.create_round(db)
     dispatcher = loop.RecordingDispatcher()
-    assert rounds.sweep(db.write_session, dispatcher).redispatched == []  # just committed
-    later = datetime.now(UTC) + timedelta(seconds=rounds.REDISPATCH_AFTER_S + 1)
-    assert rounds.sweep(db.write_session, dispatcher, now=later).redispatched == [round_id]
+    assert round_schedule.sweep(db.write_session, dispatcher).redispatched == []  # just committed
+    later = datetime.now(UTC) + timedelta(seconds=round_schedule.REDISPATCH_AFTER_S + 1)
+    assert round_schedule.sweep(db.write_session, dispatcher, now=later).redispatched == [round_id]
     # Touched when re-sent: the next sweep, a moment later, leaves it alone.
-    assert rounds.sweep(db.write_session, dispatcher, now=later).redispatched == []
+    assert round_schedule.sweep(db.write_session, dispatcher, now=later).redispatched == []
     assert dispatcher.sent == [round_id]
     assert _round(db, round_id).celery_task_id == f"task-{round_id}-1"
 
@@ -405,19 +406,19 @@ def test_schedule_starts_a_round_every_n_new_votes(voted_env: Any, loop: Any) ->
     rounds.run_round(manual, db.write_session, settings)
     assert _status(db, manual) == RoundStatus.succeeded
     # No new votes since that round's snapshot: nothing is due.
-    assert rounds.maybe_schedule_round(db.write_session, settings, dispatcher) is None
+    assert round_schedule.maybe_schedule_round(db.write_session, settings, dispatcher) is None
 
     # A second annotator votes on every pair (at least 3 new training votes): a round is
     # queued, committed, then dispatched.
     assert loop.vote_on_within_pairs(db, loop.add_annotator(db, "second")) >= 3
-    scheduled = rounds.maybe_schedule_round(db.write_session, settings, dispatcher)
+    scheduled = round_schedule.maybe_schedule_round(db.write_session, settings, dispatcher)
     assert scheduled is not None and dispatcher.sent == [scheduled]
     rnd = _round(db, scheduled)
     assert RoundStatus(rnd.status) == RoundStatus.queued and rnd.created_by is None
     assert rnd.config["steps"] == 3  # the last succeeded round's config
     assert rnd.celery_task_id == f"task-{scheduled}-1"
     # One is active: no second round, however many votes.
-    assert rounds.maybe_schedule_round(db.write_session, settings, dispatcher) is None
+    assert round_schedule.maybe_schedule_round(db.write_session, settings, dispatcher) is None
     assert dispatcher.sent == [scheduled]
 
 
