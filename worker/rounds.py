@@ -517,36 +517,29 @@ def _execute(
     should_stop = _StopCheck(session_factory, claim, heartbeat)
     out_dir = work_dir(settings, claim.round_id)
     started = time.monotonic()
+
+    def attempt(resume: bool) -> Any:
+        return train(
+            backbone,
+            train_pairs,
+            cfg,
+            output_dir=out_dir,
+            progress=writer,
+            should_stop=should_stop,
+            resume=resume,
+            progress_bar=False,
+            heldout=heldout,
+            on_eval=writer.on_eval,
+        )
+
     try:
         try:
-            result = train(
-                backbone,
-                train_pairs,
-                cfg,
-                output_dir=out_dir,
-                progress=writer,
-                should_stop=should_stop,
-                resume=True,
-                progress_bar=False,
-                heldout=heldout,
-                on_eval=writer.on_eval,
-            )
+            result = attempt(resume=True)
         except ResumeMismatchError as exc:
             log.warning(
                 "round %s: checkpoint not resumable (%s); starting over", claim.round_id, exc
             )
-            result = train(
-                backbone,
-                train_pairs,
-                cfg,
-                output_dir=out_dir,
-                progress=writer,
-                should_stop=should_stop,
-                resume=False,
-                progress_bar=False,
-                heldout=heldout,
-                on_eval=writer.on_eval,
-            )
+            result = attempt(resume=False)
     except TrainingCancelled:
         writer.flush()
         if should_stop.reason == "cancelled":
