@@ -613,7 +613,7 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
                             "A/B win rate [95% CI]",
                             f"{_fmt(gate.get('win_rate'), 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]",
                         ),
-                        ("A/B decision", f"{gate.get('state')}: {gate.get('reason')}"),
+                        ("A/B decision", str(gate.get("reason") or gate.get("state"))),
                     ]
                     status = ab.get("status")
                 else:
