@@ -100,7 +100,28 @@ class Settings(BaseSettings):
         ge=-1.0,
         le=1.0,
         description="metric policy: publish when the lower end of the 95% interval of the "
-        "judge's score difference (candidate - parent) is above this.",
+        "automatic metric's difference (candidate - parent: the judge's score, else PickScore, "
+        "else CLIP score) is above this.",
+    )
+    # Automatic metrics of real models (worker/auto_metrics.py): local directories only
+    clip_model_path: Path | None = Field(
+        None,
+        description="A local transformers CLIP directory (model, tokenizer, image processor): "
+        "rounds on SD models record the candidate's CLIP score against its parent.",
+    )
+    pickscore_model_path: Path | None = Field(
+        None,
+        description="A local PickScore directory (CLIP model, tokenizer, image processor): "
+        "rounds on SD models record PickScore against the parent (the metric policy's "
+        "preference metric).",
+    )
+    aesthetic_model_path: Path | None = Field(
+        None,
+        description="LAION's aesthetic predictor state dict (.pth/.safetensors), run on the "
+        "embeddings of clip_model_path (which it needs: CLIP ViT-L/14 for the released one).",
+    )
+    metric_prompts: int = Field(
+        32, ge=1, le=1024, description="Held-out prompts (one seed each) the metrics render."
     )
     ab_alpha: float = Field(
         0.05, gt=0.0, lt=1.0, description="A/B gate: false-promotion (and false-rollback) rate."
@@ -144,6 +165,24 @@ class Settings(BaseSettings):
                 f"{v!r} conflicts with {ENV_PREFIX}AUTO_PUBLISH=true, which means 'metric'; "
                 "unset one of them"
             )
+        return v
+
+    @field_validator("clip_model_path", "pickscore_model_path", "aesthetic_model_path")
+    @classmethod
+    def _existing_path(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.exists():
+            raise ValueError(f"no such file or directory: {v} (nothing is downloaded)")
+        return v
+
+    @field_validator("aesthetic_model_path")
+    @classmethod
+    def _aesthetic_needs_clip(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if (
+            v is not None
+            and "clip_model_path" in info.data
+            and info.data["clip_model_path"] is None
+        ):
+            raise ValueError("needs PREFLOOP_CLIP_MODEL_PATH (the CLIP model it runs on)")
         return v
 
     @field_validator("secret_key")

@@ -88,7 +88,7 @@ from backend.services import versions as version_service
 from backend.services.common import dialect_insert
 from backend.settings import Settings
 from backend.storage import ImageStore
-from worker import model_registry
+from worker import auto_metrics, model_registry
 from worker.alignment.data import split_by_prompt
 from worker.round_state import (
     ACTIVE,
@@ -601,6 +601,8 @@ def _execute(
     metrics["candidate"] = True
     if model_registry.is_builtin(parent_base) and rc.eval_prompts > 0:
         metrics.update(evaluate_against_parent(backbone, rc.eval_prompts))
+    elif not model_registry.is_builtin(parent_base) and auto_metrics.configured(settings):
+        metrics.update(auto_metrics.round_metrics(backbone, [p.prompt for p in heldout], settings))
     metrics["validation_samples"] = _render_samples(
         backbone, parent_base, [p.prompt for p in heldout], settings, claim.round_id
     )

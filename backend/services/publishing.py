@@ -7,9 +7,11 @@ admin's publish / reject / rollback (``docs/publishing.md``).
   ``promote`` publishes it, ``reject`` retires it, ``inconclusive`` leaves it a candidate for an
   admin to decide.
 - ``metric``: the round's automatic metric decides at once: publish when the lower end of the
-  95% interval of the judge's score difference (candidate - parent) is above
-  ``PREFLOOP_METRIC_MARGIN``, retire otherwise; never on a bare positive mean. A model without
-  the metric (real models) falls back to ``manual``.
+  95% interval of its difference (candidate - parent) is above ``PREFLOOP_METRIC_MARGIN``,
+  retire otherwise; never on a bare positive mean. The metric is the judge's score (built-in
+  model), else PickScore, else CLIP score (real models with ``PREFLOOP_PICKSCORE_MODEL_PATH`` /
+  ``PREFLOOP_CLIP_MODEL_PATH``, :mod:`worker.auto_metrics`). A model without any of them
+  falls back to ``manual``.
 - ``manual``: the gate runs and its decision is recorded and shown; an admin acts on it.
 
 Whatever the policy, an admin can publish, reject or roll back by hand at any time; doing so
@@ -46,6 +48,15 @@ METRIC_Z = 1.959964
 
 
 # ---------------------------------------------------------------------------- metric policy
+#: The metrics the policy can decide on, in order of preference: (key prefix, label). The
+#: round records ``<prefix>_delta`` and ``<prefix>_delta_sem`` (candidate - parent).
+DECISION_METRICS = (
+    ("judge", "judge"),  # built-in model: worker.shapes.evaluation
+    ("pickscore", "PickScore"),  # real models: worker.auto_metrics (preference)
+    ("clip", "CLIP score"),  # real models: worker.auto_metrics (prompt fidelity)
+)
+
+
 @dataclass(frozen=True)
 class MetricVerdict:
     """The metric policy's view of a candidate: None ``passes`` when there is no metric."""
@@ -56,10 +67,11 @@ class MetricVerdict:
     interval: tuple[float, float] | None = None
     margin: float = 0.0
     reason: str = ""
+    name: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": "judge_delta",
+            "name": self.name,
             "delta": self.delta,
             "sem": self.sem,
             "interval": list(self.interval) if self.interval else None,
@@ -75,26 +87,44 @@ def _finite(x: Any) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def metric_verdict(metrics: dict[str, Any] | None, margin: float) -> MetricVerdict:
-    """Publish only if the lower end of the 95% interval ``delta ± 1.96 sem`` of the judge's
-    score difference (``judge_delta``, ``judge_delta_sem`` in the round's metrics) is above
-    ``margin``."""
-    m = metrics or {}
-    delta, sem = _finite(m.get("judge_delta")), _finite(m.get("judge_delta_sem"))
+def _paired(m: dict[str, Any], prefix: str) -> tuple[float, float] | None:
+    delta, sem = _finite(m.get(f"{prefix}_delta")), _finite(m.get(f"{prefix}_delta_sem"))
     if delta is None or sem is None or sem < 0:
+        return None
+    return delta, sem
+
+
+def metric_verdict(metrics: dict[str, Any] | None, margin: float) -> MetricVerdict:
+    """Publish only if the lower end of the 95% interval ``delta ± 1.96 sem`` of the round's
+    automatic metric is above ``margin``. The metric is the first of :data:`DECISION_METRICS`
+    the round recorded (``<prefix>_delta`` and ``<prefix>_delta_sem``): the judge's score,
+    else PickScore, else CLIP score. When PickScore decides, the CLIP score's change is quoted
+    in the reason (prompt fidelity), not used."""
+    m = metrics or {}
+    chosen = next(
+        ((p, label, f) for p, label in DECISION_METRICS if (f := _paired(m, p)) is not None),
+        None,
+    )
+    if chosen is None:
         return MetricVerdict(
             None,
             margin=margin,
-            reason="no automatic metric for this model (judge_delta and judge_delta_sem)",
+            reason="no automatic metric for this model (judge_delta, pickscore_delta or "
+            "clip_delta, each with its _sem)",
         )
+    prefix, label, found = chosen
+    delta, sem = found
     lo, hi = delta - METRIC_Z * sem, delta + METRIC_Z * sem
     passes = lo > margin
     text = (
-        f"judge delta {delta:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}] "
+        f"{label} delta {delta:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}] "
         + ("above" if passes else "not above")
         + f" the margin {margin:+.4f}"
     )
-    return MetricVerdict(passes, delta, sem, (lo, hi), margin, text)
+    clip = _paired(m, "clip") if prefix == "pickscore" else None
+    if clip is not None:
+        text += f" (CLIP score delta {clip[0]:+.4f} ± {clip[1]:.4f} sem, for fidelity)"
+    return MetricVerdict(passes, delta, sem, (lo, hi), margin, text, f"{prefix}_delta")
 
 
 # ---------------------------------------------------------------------------- admin actions

@@ -58,3 +58,25 @@ def test_live_evaluation_rolls_back_only_on_a_significant_loss() -> None:
     ev = live_evaluation(ABTally(0, 12, 0), FAST)
     assert ev.state == ABState.rollback and "significantly worse" in ev.reason
     assert ev.log_evalue is not None and ev.log_evalue >= FAST.log_upper
+
+
+def test_metric_policy_on_real_models_uses_pickscore_else_clip_score() -> None:
+    clip = {"clip_delta": 0.8, "clip_delta_sem": 0.2}  # CI [0.41, 1.19]
+    v = metric_verdict(clip, 0.0)
+    assert v.passes is True and v.name == "clip_delta" and v.as_dict()["name"] == "clip_delta"
+    assert v.interval == pytest.approx((0.8 - METRIC_Z * 0.2, 0.8 + METRIC_Z * 0.2))
+    assert "CLIP score delta +0.8000" in v.reason
+    assert metric_verdict(clip, 0.5).passes is False  # the margin
+    assert metric_verdict({"clip_delta": 0.3, "clip_delta_sem": 0.2}, 0.0).passes is False
+    # PickScore is the preference metric: it decides, CLIP score is quoted for fidelity.
+    both = {**clip, "pickscore_delta": 0.05, "pickscore_delta_sem": 0.04}
+    v = metric_verdict(both, 0.0)
+    assert v.name == "pickscore_delta" and v.passes is False
+    assert "PickScore delta" in v.reason and "CLIP score delta +0.8000" in v.reason
+    # The judge, when present (built-in model), comes first.
+    v = metric_verdict({**both, "judge_delta": 0.05, "judge_delta_sem": 0.01}, 0.0)
+    assert v.name == "judge_delta" and v.passes is True
+    # A broken PickScore falls through to CLIP score; nothing usable: no verdict.
+    v = metric_verdict({**clip, "pickscore_delta": math.nan, "pickscore_delta_sem": 0.1}, 0.0)
+    assert v.name == "clip_delta"
+    assert metric_verdict({"clip_delta": 0.1, "auto_metric_error": "x"}, 0.0).passes is None
