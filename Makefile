@@ -61,11 +61,17 @@ format: setup
 bench: setup services ## every benchmark, full size
 	$(BIN)/python -m bench.train_step
 	$(BIN)/python -m bench.alignment
+	$(BIN)/python -m bench.taste_rounds
+	$(BIN)/python -m bench.ab_test
+	$(BIN)/python -m bench.loop
 	$(BIN)/python -m bench.api_load
 
 bench-quick: setup services ## every benchmark with --quick (each under 2 minutes)
 	$(BIN)/python -m bench.train_step --quick
 	$(BIN)/python -m bench.alignment --quick
+	$(BIN)/python -m bench.taste_rounds --quick
+	$(BIN)/python -m bench.ab_test --quick
+	$(BIN)/python -m bench.loop --quick
 	$(BIN)/python -m bench.api_load --quick
 
 clean:
