@@ -35,7 +35,7 @@ services: ## start PostgreSQL and Redis if they are down (this project's machine
 	@bash scripts/services.sh
 
 demo: setup ## run the whole loop locally: SQLite, embedded broker, built-in model
-	$(BIN)/python -m worker.demo $(if $(TASTE),--taste "$(TASTE)")
+	$(BIN)/python -m clients.demo $(if $(TASTE),--taste "$(TASTE)")
 
 serve: setup
 	$(BIN)/prefloop serve

@@ -2,7 +2,7 @@
 
 One machine, the real processes: the API server (``python -m backend.cli serve``) and a Celery
 worker (``-Q gpu,cpu``, ``--pool=solo``) on SQLite and the embedded broker, in a temporary data
-directory. Simulated annotators (:mod:`worker.simulated_annotator`, taste
+directory. Simulated annotators (:mod:`clients.simulated_annotator`, taste
 :data:`worker.shapes.tastes.DEMO_MIX`, 10% label noise) vote through the public HTTP API. The
 phases, each timed on the wall clock:
 
@@ -121,8 +121,8 @@ class LoopStack:
         from backend.db import Database
         from backend.migrate import upgrade
         from backend.settings import Settings
+        from clients.demo import Admin, Children, wait_for_health
         from worker.celery_app import create_celery
-        from worker.demo import Api, Children, wait_for_health
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         db_url = f"sqlite:///{self.data_dir / 'prefloop.db'}"
@@ -152,7 +152,7 @@ class LoopStack:
         self.celery = create_celery(Settings(data_dir=self.data_dir, database_url=db_url))
         self.db = Database(db_url, pool_size=2, max_overflow=2)
         wait_for_health(self.url, self.children)
-        self.api = Api(self.url, "admin", ADMIN_PASSWORD)
+        self.api = Admin.sign_in(self.url, "admin", ADMIN_PASSWORD)
 
     def stop(self) -> None:
         if self.api is not None:
@@ -176,14 +176,14 @@ class LoopStack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.children.check_alive()
-            rnd = self.api.call("GET", f"/rounds/{round_id}")
+            rnd = self.api.client.get_round(self.api.token, round_id)
             if rnd["status"] in ("succeeded", "failed", "cancelled"):
                 return dict(rnd)
             time.sleep(0.5)
         raise RuntimeError(f"round {round_id} did not finish in {timeout:.0f} s")
 
     def ab(self, version_id: int) -> dict[str, Any]:
-        return dict(self.api.call("GET", f"/versions/{version_id}/ab"))
+        return self.api.client.version_ab(self.api.token, version_id)
 
     def image_versions(self, image_ids: list[int]) -> dict[int, int]:
         from sqlalchemy import select
@@ -263,8 +263,8 @@ def _fmt_rate(gate: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from clients.simulated_annotator import SimulatedAnnotator
     from worker.shapes.tastes import DEMO_MIX, TasteMix
-    from worker.simulated_annotator import SimulatedAnnotator
 
     work = Path(tempfile.mkdtemp(prefix="prefloop-bench-loop-"))
     phases: list[Phase] = []
@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "holdout_fraction": 0.0,
                     "checkpoint_every": max(1, args.steps // 2),
                 }
-                round_id = stack.api.call("POST", "/rounds", json={"config": config})["round_id"]
+                round_id = stack.api.client.start_round(stack.api.token, config)
                 rnd = stack.follow_round(round_id)
                 m = rnd["metrics"]
                 if rnd["status"] != "succeeded" or not rnd.get("version_id"):
@@ -379,14 +379,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _serving_phase(
     stack: LoopStack, annotators: list[Any], cand: int, state: str, max_seconds: float
 ) -> str:
+    from prefloop_client import Pair as ServedPair
+
     deadline = time.monotonic() + max_seconds
     if state == "promote":
         made = stack.refill()
         while time.monotonic() < deadline:
-            r = annotators[0].client.get(f"{annotators[0].api}/pairs/next")
-            if r.status_code == 200:
-                body = r.json()
-                ids = [body["left"]["image_id"], body["right"]["image_id"]]
+            pair = annotators[0].client.next_pair(annotators[0].token)
+            if isinstance(pair, ServedPair):
+                ids = [int(pair.left.image_id), int(pair.right.image_id)]
                 versions = set(stack.image_versions(ids).values())
                 if versions == {cand}:
                     return f"published; refill made {made} pairs; a pair of version {cand} served"

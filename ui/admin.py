@@ -16,14 +16,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from ui.annotation import AnnotatorSession
-from ui.api_client import (
+from prefloop_client.api import (
     ApiError,
     ApiUnavailable,
     ExportFormat,
     PrefloopClient,
     Unauthorized,
 )
+from ui.annotation import AnnotatorSession
 from ui.tables import records_table, stats_table
 
 ROUND_COLUMNS = (

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ui.api_client import (
+from prefloop_client.api import (
     ApiError,
     ApiUnavailable,
     Choice,

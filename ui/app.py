@@ -1,7 +1,7 @@
 """Prefloop's Gradio UI: the annotator page and the admin tab.
 
 The UI process holds no model and no storage (FastChat's arena pattern). Everything goes to
-the API over HTTP through :class:`ui.api_client.PrefloopClient`.
+the API over HTTP through :class:`prefloop_client.api.PrefloopClient`.
 
 Mounting: ``prefloop serve`` calls :func:`build_ui` and mounts the result with
 ``gradio.mount_gradio_app(app, build_ui(api_base_url), path="/")``. Because the mount call
@@ -26,9 +26,7 @@ from typing import Any
 
 import gradio as gr
 
-from ui.admin import AdminActions, build_admin_tab
-from ui.annotation import AnnotationDesk, AnnotatorSession, TaskView
-from ui.api_client import (
+from prefloop_client.api import (
     ApiError,
     ApiUnavailable,
     Choice,
@@ -38,6 +36,8 @@ from ui.api_client import (
     RateLimited,
     Unauthorized,
 )
+from ui.admin import AdminActions, build_admin_tab
+from ui.annotation import AnnotationDesk, AnnotatorSession, TaskView
 from ui.guidelines import DEFAULT_GUIDELINES
 from ui.image_store import ImageStore
 from ui.shortcuts import MARK_SHOWN_JS, VOTE_ACTIONS, VOTE_CLICK_JS, page_load_js

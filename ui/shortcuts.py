@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ui.api_client import Choice
+from prefloop_client.api import Choice
 
 
 @dataclass(frozen=True)

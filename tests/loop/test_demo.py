@@ -1,4 +1,4 @@
-"""``python -m worker.demo --exit-after-loop``: the whole loop as a user runs it.
+"""``python -m clients.demo --exit-after-loop``: the whole loop as a user runs it.
 
 Real children (API server, Celery worker and beat on the embedded SQLite broker), simulated
 annotators voting over HTTP, a round started and followed through the API. Only the model is
@@ -55,7 +55,7 @@ def test_demo_runs_the_loop_and_stops_its_children(tmp_path: Path, tiny_checkpoi
     cmd = [
         sys.executable,
         "-m",
-        "worker.demo",
+        "clients.demo",
         "--data-dir",
         str(data_dir),
         "--port",

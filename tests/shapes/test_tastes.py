@@ -299,7 +299,7 @@ def test_spreads_by_hand() -> None:
 
 # ---------------------------------------------------------------------------- users
 def test_the_simulated_annotator_votes_by_its_mix() -> None:
-    from worker.simulated_annotator import SimulatedAnnotator
+    from clients.simulated_annotator import SimulatedAnnotator
 
     dark, light = _solid((10, 10, 10), 32), _solid((200, 200, 200), 32)
     ann = SimulatedAnnotator("http://127.0.0.1:1", "u", "p", taste=TasteMix.parse("brightness"))
@@ -329,7 +329,7 @@ def test_the_simulated_annotator_votes_by_its_mix() -> None:
 
 
 def test_the_demo_rejects_a_bad_taste_before_starting_anything(capsys) -> None:
-    from worker import demo
+    from clients import demo
 
     with pytest.raises(SystemExit) as exc:
         demo.main(["--taste", "fidelity:1,brighness:1", "--port", "1"])

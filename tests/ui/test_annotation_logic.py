@@ -15,8 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from ui.annotation import AnnotationDesk
-from ui.api_client import (
+from prefloop_client.api import (
     ApiError,
     ApiUnavailable,
     Conflict,
@@ -25,6 +24,7 @@ from ui.api_client import (
     Unauthorized,
     normalize_base_url,
 )
+from ui.annotation import AnnotationDesk
 from ui.image_store import ImageStore, NotAnImage, image_extension
 from ui.shortcuts import VOTE_ACTIONS, key_map, page_load_js
 from ui.tables import escape_markdown, records_table
@@ -116,7 +116,7 @@ def test_token_is_not_sent_to_another_origin(png_bytes: bytes) -> None:
         seen[request.url.host] = request.headers.get("Authorization")
         return httpx.Response(200, content=png_bytes, headers={"Content-Type": "image/png"})
 
-    from ui.api_client import ImageRef
+    from prefloop_client.api import ImageRef
 
     client = PrefloopClient("http://api.test", transport=httpx.MockTransport(handler))
     client.image_bytes("secret", ImageRef("1", "/api/v1/images/1"))

@@ -8,7 +8,7 @@ and the built-in model ``builtin:shapes``. The demo:
    queues (``--pool=solo``) and Celery beat (the pool refill and the round sweeper), each a
    child process logging to ``<data dir>/logs/``; and asks for a first pool refill at once;
 3. waits for ``/healthz``, prints the URL and the admin account;
-4. runs a few simulated annotators (:mod:`worker.simulated_annotator`) that vote through the
+4. runs a few simulated annotators (:mod:`clients.simulated_annotator`) that vote through the
    public API, guided by their taste (``--taste``, default
    :data:`worker.shapes.tastes.DEMO_MIX`: the world's judge mixed with a liking for brighter
    images) with some label noise, until ``--votes`` votes are in;
@@ -24,7 +24,7 @@ and the built-in model ``builtin:shapes``. The demo:
    rate with its interval and the decision;
 8. keeps serving until Ctrl-C (or exits, with ``--exit-after-loop``), then stops every child.
 
-Run it with ``make demo`` or ``python -m worker.demo`` (``--help`` lists the knobs).
+Run it with ``make demo`` or ``python -m clients.demo`` (``--help`` lists the knobs).
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from prefloop_client import ApiError, PrefloopClient
 from worker.shapes.tastes import DEMO_MIX, TasteMix, available_tastes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -190,35 +189,34 @@ def port_is_free(port: int) -> bool:
 
 def wait_for_health(url: str, children: Children, timeout: float = HEALTH_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        children.check_alive()
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+    with PrefloopClient(url) as client:
+        while time.monotonic() < deadline:
+            children.check_alive()
+            if client.healthy():
                 return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+            time.sleep(0.5)
     raise RuntimeError(f"the server did not answer {url}/healthz within {timeout:.0f} s")
 
 
-class Api:
-    """The few admin calls the demo makes, over HTTP like any client."""
+@dataclass
+class Admin:
+    """The demo's admin: the typed v1 client and the admin's token (over HTTP like any client)."""
 
-    def __init__(self, url: str, username: str, password: str) -> None:
-        self.client = httpx.Client(base_url=f"{url}/api/v1", timeout=60)
-        r = self.client.post("/auth/token", data={"username": username, "password": password})
-        if r.status_code != 200:
+    client: PrefloopClient
+    token: str
+
+    @classmethod
+    def sign_in(cls, url: str, username: str, password: str) -> Admin:
+        client = PrefloopClient(url, timeout_s=60)
+        try:
+            token = client.login(username, password)
+        except ApiError as exc:
+            client.close()
             raise RuntimeError(
-                f"admin login failed ({r.status_code}): set PREFLOOP_ADMIN_PASSWORD to the "
-                f"password of {username!r}"
-            )
-        self.client.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
-
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        r = self.client.request(method, path, **kw)
-        if r.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text}")
-        return r.json() if r.content else None
+                f"admin login failed ({exc}): set PREFLOOP_ADMIN_PASSWORD to the password of "
+                f"{username!r}"
+            ) from exc
+        return cls(client, token)
 
     def close(self) -> None:
         self.client.close()
@@ -236,7 +234,7 @@ def run_annotators(
     """Simulated annotators voting in parallel until ``votes`` votes are in (or, with ``stop``,
     until it is set); ``taste`` (a :class:`~worker.shapes.tastes.TasteMix`, default: the judge
     alone) is what they prefer."""
-    from worker.simulated_annotator import SimulatedAnnotator
+    from clients.simulated_annotator import SimulatedAnnotator
 
     share = [votes // annotators + (1 if i < votes % annotators else 0) for i in range(annotators)]
     totals: dict[str, int] = {}
@@ -280,16 +278,16 @@ def run_annotators(
     return totals
 
 
-def follow_round(api: Api, round_id: int, children: Children) -> dict[str, Any]:
+def follow_round(api: Admin, round_id: int, children: Children) -> dict[str, Any]:
     """Poll the round, drawing a progress bar, until it finishes."""
     from tqdm.auto import tqdm
 
-    rnd = api.call("GET", f"/rounds/{round_id}")
+    rnd = api.client.get_round(api.token, round_id)
     bar = tqdm(total=max(1, rnd["total_steps"]), desc=f"round {round_id}", unit="step")
     try:
         while True:
             children.check_alive()
-            rnd = api.call("GET", f"/rounds/{round_id}")
+            rnd = api.client.get_round(api.token, round_id)
             if rnd["total_steps"] != bar.total:  # capped by max_epochs once the pairs are known
                 bar.total = max(1, rnd["total_steps"])
             bar.n = rnd["step"]
@@ -303,19 +301,21 @@ def follow_round(api: Api, round_id: int, children: Children) -> dict[str, Any]:
         bar.close()
 
 
-def follow_ab(api: Api, version_id: int, children: Children, max_seconds: float) -> dict[str, Any]:
+def follow_ab(
+    api: Admin, version_id: int, children: Children, max_seconds: float
+) -> dict[str, Any]:
     """Poll the candidate's blind A/B gate (``GET /versions/{id}/ab``), drawing a bar of the
     votes it has against its budget, until it is decided or ``max_seconds`` pass."""
     from tqdm.auto import tqdm
 
-    ab = api.call("GET", f"/versions/{version_id}/ab")
+    ab = api.client.version_ab(api.token, version_id)
     gate = ab.get("gate") or {}
     bar = tqdm(total=max(1, int(gate.get("budget") or 1)), desc="A/B vs parent", unit="vote")
     deadline = time.monotonic() + max_seconds
     try:
         while True:
             children.check_alive()
-            ab = api.call("GET", f"/versions/{version_id}/ab")
+            ab = api.client.version_ab(api.token, version_id)
             gate = ab.get("gate") or {}
             bar.n = int(gate.get("battles") or 0)
             rate = gate.get("win_rate")
@@ -336,7 +336,7 @@ def follow_ab(api: Api, version_id: int, children: Children, max_seconds: float)
 
 def ab_phase(
     a: argparse.Namespace,
-    api: Api,
+    api: Admin,
     url: str,
     version_id: int,
     settings: Any,
@@ -385,7 +385,7 @@ def _taste_arg(spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m worker.demo",
+        prog="python -m clients.demo",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -524,7 +524,7 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
     print(f"\nPrefloop is up at {url}/")
     print(f"admin account: username {settings.admin_username!r}, password {password!r}\n")
 
-    api = Api(url, settings.admin_username, password)
+    api = Admin.sign_in(url, settings.admin_username, password)
     try:
         print(
             f"{a.annotators} simulated annotators are voting ({a.votes} votes, label noise "
@@ -549,7 +549,7 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
             "eval_prompts": a.eval_prompts,
             "checkpoint_every": max(1, a.steps // 4),
         }
-        round_id = api.call("POST", "/rounds", json={"config": config})["round_id"]
+        round_id = api.client.start_round(api.token, config)
         print(f"training round {round_id} queued ({a.steps} steps)")
         rnd = follow_round(api, round_id, children)
         if rnd["status"] != "succeeded":

@@ -6,12 +6,13 @@ world's programmatic judge (``fidelity``: which image matches the prompt better)
 one shared direction (brighter, larger, more centred, warmer; :mod:`worker.shapes.tastes`). It
 flips that answer with probability ``noise`` (label noise), and posts the vote with a
 ``client_vote_id`` so that a retried request counts once. It knows nothing of the database or of
-model versions: only the v1 contract in docs/product.md.
+model versions: only the v1 contract in docs/product.md, through
+:class:`prefloop_client.PrefloopClient`.
 
 Used by ``make demo``, the end-to-end tests and the benchmarks::
 
-    python -m worker.simulated_annotator --url http://127.0.0.1:8000 --votes 200 --noise 0.1
-    python -m worker.simulated_annotator --taste "fidelity:1,brightness:0.5" --noise 0.1
+    python -m clients.simulated_annotator --url http://127.0.0.1:8000 --votes 200 --noise 0.1
+    python -m clients.simulated_annotator --taste "fidelity:1,brightness:0.5" --noise 0.1
 
 The default taste is ``fidelity`` alone: the judge's choice.
 """
@@ -25,15 +26,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import httpx
 import numpy as np
 from PIL import Image
 
+from prefloop_client import ApiError, Choice, ImageRef, NoPairReady, PrefloopClient, Unauthorized
 from worker.shapes.tastes import FIDELITY_ONLY, TasteMix, available_tastes
 
 log = logging.getLogger("prefloop.simulated_annotator")
 
-CHOICE_FOR = {"a": "left", "b": "right", "tie": "tie"}
+CHOICE_FOR: dict[str, Choice] = {"a": "left", "b": "right", "tie": "tie"}
 
 
 @dataclass
@@ -76,44 +77,42 @@ class SimulatedAnnotator:
         elif noise is not None:
             taste = TasteMix(taste.weights, noise=noise, tie_margin=taste.tie_margin)
         self.taste = taste
-        self.api = base_url.rstrip("/") + "/api/v1"
         self.username, self.password = username, password
         self.noise, self.register = taste.noise, register
         self.rng = np.random.default_rng(seed)
-        self.client = httpx.Client(timeout=timeout)
+        self.client = PrefloopClient(base_url, timeout_s=timeout)
         self.stats = AnnotatorStats()
         self._token: str | None = None
 
     # ------------------------------------------------------------------ auth
     def login(self) -> None:
-        r = self.client.post(
-            f"{self.api}/auth/token", data={"username": self.username, "password": self.password}
-        )
-        if r.status_code == 401 and self.register:
-            reg = self.client.post(
-                f"{self.api}/auth/register",
-                json={"username": self.username, "password": self.password},
-            )
-            if reg.status_code not in (200, 201, 409):
-                raise RuntimeError(f"register failed: {reg.status_code} {reg.text}")
-            r = self.client.post(
-                f"{self.api}/auth/token",
-                data={"username": self.username, "password": self.password},
-            )
-        if r.status_code != 200:
-            raise RuntimeError(f"login failed for {self.username}: {r.status_code} {r.text}")
-        self._token = r.json()["access_token"]
-        self.client.headers["Authorization"] = f"Bearer {self._token}"
+        """Sign in; on a 401 with ``register`` on, create the account first (open sign-up)."""
+        try:
+            self._token = self.client.login(self.username, self.password)
+            return
+        except Unauthorized:
+            if not self.register:
+                raise
+        try:
+            self.client.register(self.username, self.password)
+        except ApiError as exc:
+            if exc.status_code != 409:  # 409: registered meanwhile by another run
+                raise RuntimeError(f"register failed for {self.username}: {exc}") from exc
+        self._token = self.client.login(self.username, self.password)
+
+    @property
+    def token(self) -> str:
+        """The annotator's bearer token (signing in first when needed)."""
+        if self._token is None:
+            self.login()
+        return self._token or ""
 
     # ------------------------------------------------------------------ one vote
-    def _image(self, url: str) -> np.ndarray:
-        if url.startswith("/"):
-            url = self.api.rsplit("/api/v1", 1)[0] + url
-        r = self.client.get(url)
-        r.raise_for_status()
-        return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    def _image(self, token: str, image: ImageRef) -> np.ndarray:
+        content, _ = self.client.image_bytes(token, image)
+        return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
 
-    def choose(self, left: np.ndarray, right: np.ndarray, prompt: str) -> str:
+    def choose(self, left: np.ndarray, right: np.ndarray, prompt: str) -> Choice:
         """The taste's choice for (left, right), with label noise applied."""
         return CHOICE_FOR[self.taste.prefer(left, right, prompt, self.rng)]
 
@@ -121,29 +120,30 @@ class SimulatedAnnotator:
         """Ask for a pair and vote on it. Returns the choice, or None when no pair was ready."""
         if self._token is None:
             self.login()
-        r = self.client.get(f"{self.api}/pairs/next")
-        if r.status_code == 401:
+        try:
+            pair = self.client.next_pair(self._token or "")
+        except Unauthorized:  # the token expired: sign in again, once
             self.login()
-            r = self.client.get(f"{self.api}/pairs/next")
-        if r.status_code == 204:
+            pair = self.client.next_pair(self._token or "")
+        if isinstance(pair, NoPairReady):
             self.stats.empty_polls += 1
             return None
-        r.raise_for_status()
-        pair = r.json()
+        token = self._token or ""
         shown = time.perf_counter()
-        left = self._image(pair["left"]["url"])
-        right = self._image(pair["right"]["url"])
-        choice = self.choose(left, right, pair["prompt"])
-        body = {
-            "pair_id": pair["pair_id"],
-            "choice": choice,
-            "client_vote_id": str(uuid.uuid4()),
-            "latency_ms": int((time.perf_counter() - shown) * 1000),
-        }
-        v = self.client.post(f"{self.api}/votes", json=body)
-        if v.status_code not in (200, 201):
+        left = self._image(token, pair.left)
+        right = self._image(token, pair.right)
+        choice = self.choose(left, right, pair.prompt)
+        try:
+            self.client.vote(
+                token,
+                pair_id=pair.pair_id,
+                choice=choice,
+                client_vote_id=str(uuid.uuid4()),
+                latency_ms=int((time.perf_counter() - shown) * 1000),
+            )
+        except ApiError as exc:
             self.stats.errors += 1
-            log.warning("vote rejected: %s %s", v.status_code, v.text)
+            log.warning("vote rejected: %s", exc)
             return None
         self.stats.votes += 1
         self.stats.counts[choice] = self.stats.counts.get(choice, 0) + 1

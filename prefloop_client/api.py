@@ -1,12 +1,14 @@
-"""A typed HTTP client for Prefloop's annotation API (v1).
+"""The typed HTTP client for Prefloop's v1 API: the one client every program uses.
 
-The UI holds no model and no storage: everything it shows or changes goes through this client,
-over HTTP, exactly like the simulated annotator or any external client would.
+The UI (:mod:`ui`), the operator CLI (:mod:`prefloop_client.cli`), the demo and the simulated
+annotators (:mod:`clients`) and the load benchmark talk to the server through it, over HTTP,
+exactly like any external client would. It depends on ``httpx`` only: nothing from ``backend/``
+or ``worker/``.
 
-Errors are mapped onto a small hierarchy so that the UI can react to each case:
+Errors are mapped onto a small hierarchy so that a caller can react to each case:
 
 - :class:`ApiUnavailable`: the API could not be reached (connection refused, timeout).
-- :class:`ApiError` with a subclass per status the UI treats differently:
+- :class:`ApiError` with a subclass per status callers treat differently:
   401 :class:`Unauthorized`, 403 :class:`Forbidden`, 404 :class:`NotFound`,
   409 :class:`Conflict`, 429 :class:`RateLimited`. Anything else stays a plain
   :class:`ApiError` with its status code and the API's ``detail`` text.
@@ -202,6 +204,19 @@ class PrefloopClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> PrefloopClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def healthy(self) -> bool:
+        """Whether ``GET /healthz`` answers 200 (False when unreachable or unhealthy)."""
+        try:
+            return self._http.get("/healthz", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     # -- plumbing -----------------------------------------------------------------------------
 
     def _request(
@@ -344,14 +359,47 @@ class PrefloopClient:
         body = self._json(self._request("GET", f"{API_PREFIX}/stats", token=token))
         return body if isinstance(body, dict) else {"stats": body}
 
-    def list_rounds(self, token: str) -> list[dict[str, Any]]:
-        return _as_list(self._json(self._request("GET", f"{API_PREFIX}/rounds", token=token)))
+    def list_rounds(
+        self, token: str, *, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Rounds, newest first; ``status`` filters (queued, running, succeeded, ...)."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return _as_list(
+            self._json(self._request("GET", f"{API_PREFIX}/rounds", token=token, params=params))
+        )
 
-    def start_round(self, token: str, config: Mapping[str, Any] | None = None) -> Any:
-        """Queue a training round (202); returns its ``round_id``."""
+    def get_round(self, token: str, round_id: str | int) -> dict[str, Any]:
+        return self._object(self._request("GET", f"{API_PREFIX}/rounds/{round_id}", token=token))
+
+    def round_config_defaults(
+        self, token: str, parent_version_id: int | None = None
+    ) -> dict[str, Any]:
+        """``{"base_model": ..., "config": {...}}``: the config a round gets with no overrides."""
+        params = {"parent_version_id": parent_version_id} if parent_version_id else None
+        return self._object(
+            self._request("GET", f"{API_PREFIX}/rounds/config-defaults", token=token, params=params)
+        )
+
+    def round_config_schema(self, token: str) -> dict[str, Any]:
+        """The JSON Schema of a round's config (field types, bounds, descriptions)."""
+        return self._object(self._request("GET", f"{API_PREFIX}/rounds/config-schema", token=token))
+
+    def start_round(
+        self,
+        token: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        parent_version_id: int | None = None,
+    ) -> Any:
+        """Queue a training round (202); returns its ``round_id``. A bad config value is a
+        422 (:class:`ApiError`) whose ``detail`` names the field (``config.beta: ...``)."""
         payload: dict[str, Any] = {}
         if config:
             payload["config"] = dict(config)
+        if parent_version_id is not None:
+            payload["parent_version_id"] = parent_version_id
         response = self._request(
             "POST",
             f"{API_PREFIX}/rounds",
@@ -372,8 +420,42 @@ class PrefloopClient:
         body = self._json(response)
         return body if isinstance(body, dict) else {}
 
-    def list_versions(self, token: str) -> list[dict[str, Any]]:
-        return _as_list(self._json(self._request("GET", f"{API_PREFIX}/versions", token=token)))
+    def list_versions(
+        self, token: str, *, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return _as_list(
+            self._json(self._request("GET", f"{API_PREFIX}/versions", token=token, params=params))
+        )
+
+    def get_version(self, token: str, version_id: str | int) -> dict[str, Any]:
+        return self._object(
+            self._request("GET", f"{API_PREFIX}/versions/{version_id}", token=token)
+        )
+
+    def version_ab(self, token: str, version_id: str | int) -> dict[str, Any]:
+        """The version's blind A/B tests against its parent (``gate`` and ``live``)."""
+        return self._object(
+            self._request("GET", f"{API_PREFIX}/versions/{version_id}/ab", token=token)
+        )
+
+    def version_samples(self, token: str, version_id: str | int) -> dict[str, Any]:
+        """The version's validation grid: ``prompts`` (parent_url / candidate_url each) and
+        ``grid_url``. :class:`NotFound` when the version has no validation samples."""
+        return self._object(
+            self._request("GET", f"{API_PREFIX}/versions/{version_id}/samples", token=token)
+        )
+
+    def rollback_version(
+        self, token: str, version_id: str | int, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Publish the serving version's parent again (409 when ``version_id`` is not the
+        serving version, or has no parent)."""
+        return self._version_action(
+            token, version_id, "rollback", json={"reason": reason} if reason else None
+        )
 
     def publish_version(self, token: str, version_id: str | int) -> dict[str, Any]:
         return self._version_action(token, version_id, "publish")
@@ -381,15 +463,28 @@ class PrefloopClient:
     def retire_version(self, token: str, version_id: str | int) -> dict[str, Any]:
         return self._version_action(token, version_id, "retire")
 
-    def _version_action(self, token: str, version_id: str | int, action: str) -> dict[str, Any]:
+    def _version_action(
+        self,
+        token: str,
+        version_id: str | int,
+        action: str,
+        json: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         response = self._request(
             "POST",
             f"{API_PREFIX}/versions/{version_id}/{action}",
             token=token,
+            json=dict(json) if json is not None else None,
             expected=(200, 202),
         )
         body = self._json(response)
         return body if isinstance(body, dict) else {}
+
+    def _object(self, response: httpx.Response) -> dict[str, Any]:
+        body = self._json(response)
+        if not isinstance(body, dict):
+            raise ApiError(response.status_code, "the API returned a non-object JSON body")
+        return body
 
     def leaderboard(self, token: str) -> list[dict[str, Any]]:
         return _as_list(self._json(self._request("GET", f"{API_PREFIX}/leaderboard", token=token)))
@@ -420,9 +515,55 @@ class PrefloopClient:
         body = self._json(response)
         return body if isinstance(body, dict) else {"result": body}
 
-    def list_users(self, token: str) -> list[dict[str, Any]]:
+    def list_prompts(
+        self, token: str, *, active: bool | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if active is not None:
+            params["active"] = "true" if active else "false"
+        return _as_list(
+            self._json(self._request("GET", f"{API_PREFIX}/prompts", token=token, params=params))
+        )
+
+    def list_users(self, token: str, *, limit: int = 100) -> list[dict[str, Any]]:
         """Annotators with their volume and reliability (admin)."""
-        return _as_list(self._json(self._request("GET", f"{API_PREFIX}/users", token=token)))
+        return _as_list(
+            self._json(
+                self._request("GET", f"{API_PREFIX}/users", token=token, params={"limit": limit})
+            )
+        )
+
+    def create_user(
+        self,
+        token: str,
+        username: str,
+        password: str,
+        *,
+        role: Literal["annotator", "admin"] = "annotator",
+    ) -> dict[str, Any]:
+        """Create an account (admin); :class:`Conflict` when the username is taken."""
+        return self._object(
+            self._request(
+                "POST",
+                f"{API_PREFIX}/users",
+                token=token,
+                json={"username": username, "password": password, "role": role},
+                expected=(200, 201),
+            )
+        )
+
+    def update_user(self, token: str, user_id: int, **changes: Any) -> dict[str, Any]:
+        """``PATCH /users/{id}``: status, role, daily_cap, weekly_cap or password."""
+        return self._object(
+            self._request("PATCH", f"{API_PREFIX}/users/{user_id}", token=token, json=changes)
+        )
+
+    def ban_user(self, token: str, user_id: int) -> dict[str, Any]:
+        """Ban an account: its every later request is refused with 403."""
+        return self.update_user(token, user_id, status="banned")
+
+    def unban_user(self, token: str, user_id: int) -> dict[str, Any]:
+        return self.update_user(token, user_id, status="active")
 
     def round_metrics(self, token: str, round_id: str | int) -> list[dict[str, Any]]:
         """The logged training steps of a round (loss curves)."""
@@ -441,6 +582,18 @@ class PrefloopClient:
         )
         content_type = response.headers.get("Content-Type", "application/octet-stream")
         return response.content, content_type.split(";")[0].strip(), _filename(response)
+
+    def import_dataset(self, token: str, filename: str, content: bytes) -> dict[str, Any]:
+        """Import a Pick-a-Pic parquet file as pairs with votes (all or nothing)."""
+        return self._object(
+            self._request(
+                "POST",
+                f"{API_PREFIX}/import",
+                token=token,
+                files={"file": (filename, content, "application/vnd.apache.parquet")},
+                expected=(200, 201),
+            )
+        )
 
 
 def _as_list(body: Any) -> list[dict[str, Any]]:
