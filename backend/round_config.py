@@ -25,7 +25,15 @@ TimestepMode = Literal["importance", "weighted", "importance-corrected"]
 
 #: RoundConfig fields that only the round (worker.rounds) reads; the trainer has no such field.
 ROUND_ONLY_FIELDS: frozenset[str] = frozenset(
-    {"min_pairs", "max_epochs", "eval_prompts", "holdout_fraction", "min_heldout_gain"}
+    {
+        "min_pairs",
+        "max_epochs",
+        "eval_prompts",
+        "holdout_fraction",
+        "min_heldout_gain",
+        "fidelity_units",
+        "fidelity_sampling_steps",
+    }
 )
 #: RoundConfig fields stored under another name (and form) in TrainConfig: API name -> trainer's.
 RENAMED_FIELDS: Mapping[str, str] = MappingProxyType(
@@ -167,6 +175,30 @@ class RoundConfig(BaseModel):
         "images at the fixed draws, sum |eps_theta - eps_ref|^2 / sum |eps - eps_ref|^2; when an "
         "evaluation exceeds it, training stops and the best checkpoint within budget is kept. "
         "null disables the budget.",
+    )
+    fidelity_budget: float | None = Field(
+        None,
+        ge=0.0,
+        le=1e6,
+        description="Largest allowed fall of the fidelity probe: the model family's automatic "
+        "prompt-fidelity metric (the judge on the built-in model, CLIP score when "
+        "PREFLOOP_CLIP_MODEL_PATH is set) on fidelity_units fixed units of the held-out "
+        "prompts, paired against the parent, read at every held-out evaluation. When an "
+        "evaluation falls further, training stops and the best checkpoint within budget is "
+        "kept. null disables the probe.",
+    )
+    fidelity_units: int = Field(
+        64,
+        ge=2,
+        le=100_000,
+        description="Images (held-out prompt, fixed seed) the fidelity probe samples at each "
+        "held-out evaluation.",
+    )
+    fidelity_sampling_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Sampling steps of the fidelity probe's images; null: the model's own.",
     )
     min_heldout_gain: float = Field(
         0.02,

@@ -83,6 +83,7 @@ class Cell:
     no_candidate_reason: str | None
     heldout_acc: float
     drift: float
+    probe_delta: float | None
     ab_wins: float
     ab_losses: float
     ab_ties: float
@@ -214,7 +215,7 @@ def run_cell(
     from worker.alignment.config import TrainConfig
     from worker.alignment.data import PreferencePair, split_by_prompt
     from worker.alignment.trainer import train
-    from worker.rounds import candidate_verdict
+    from worker.rounds import candidate_verdict, fidelity_probe_for
     from worker.shapes.judge import judge_batch
     from worker.shapes.model import load_builtin
     from worker.shapes.tastes import TasteMix, get_taste
@@ -249,6 +250,7 @@ def run_cell(
         resume=False,
         progress_bar=False,
         heldout=held,
+        fidelity_probe=fidelity_probe_for("builtin:shapes", rc, held),
     )
     verdict = candidate_verdict(result, len(held), rc.min_heldout_gain)
 
@@ -292,6 +294,7 @@ def run_cell(
         no_candidate_reason=verdict,
         heldout_acc=best.accuracy if best else float("nan"),
         drift=best.drift if best else float("nan"),
+        probe_delta=best.fidelity if best else None,
         ab_wins=w,
         ab_losses=lo,
         ab_ties=ti,
@@ -311,17 +314,18 @@ def run_cell(
 
 def format_table(cells: list[Cell]) -> str:
     head = (
-        f"{'taste':<11}{'seed':>5}{'steps':>7}{'best':>6}{'h/o acc':>9}{'drift':>8}"
+        f"{'taste':<11}{'seed':>5}{'steps':>7}{'best':>6}{'h/o acc':>9}{'drift':>8}{'probe':>8}"
         f"{'A/B win [95% CI]':>22}{'judge Δ [95% CI]':>28}{'taste Δ':>10}{'goal':>6}{'s':>6}"
     )
     lines = [head, "-" * len(head)]
     for c in cells:
         ab = f"{c.win_rate:.2f} [{c.win_lo:.2f}, {c.win_hi:.2f}]"
         jd = f"{c.judge_delta:+.3f} [{c.judge_lo:+.3f}, {c.judge_hi:+.3f}]"
+        probe = "-" if c.probe_delta is None else f"{c.probe_delta:+.3f}"
         cand = "yes" if c.meets_goal else ("no" if c.candidate else "none")
         lines.append(
             f"{c.taste:<11}{c.seed:>5}{c.steps:>7}{c.best_step:>6}{c.heldout_acc:>9.3f}"
-            f"{c.drift:>8.3f}{ab:>22}{jd:>28}{c.taste_gain:>+10.4f}{cand:>6}{c.seconds:>6.0f}"
+            f"{c.drift:>8.3f}{probe:>8}{ab:>22}{jd:>28}{c.taste_gain:>+10.4f}{cand:>6}{c.seconds:>6.0f}"
         )
     by_taste: dict[str, list[Cell]] = {}
     for c in cells:

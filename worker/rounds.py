@@ -316,7 +316,44 @@ def heldout_point(e: Any) -> dict[str, Any]:
         "drift": _finite(e.drift),
         "model_mse": _finite(e.model_mse),
         "ref_mse": _finite(e.ref_mse),
+        "fidelity": None if e.fidelity is None else _finite(e.fidelity),
+        "fidelity_sem": None if e.fidelity_sem is None else _finite(e.fidelity_sem),
     }
+
+
+def fidelity_probe_for(
+    base_model: str, rc: RoundConfig, heldout: list[Any], settings: Any = None
+) -> Any:
+    """The round's fidelity probe (:mod:`worker.alignment.fidelity`), or None.
+
+    With ``rc.fidelity_budget`` set and held-out pairs to draw prompts from, the probe samples
+    ``rc.fidelity_units`` units of the held-out prompts (seeds from the round's seed) and
+    scores them with the family's prompt-fidelity metric: the judge on the built-in model,
+    CLIP score when ``settings.clip_model_path`` names a local CLIP model. Raises
+    :class:`RoundFailed` when a budget is asked for and there is no metric to read it with.
+    """
+    from worker.alignment.fidelity import FidelityProbe, probe_units
+
+    if rc.fidelity_budget is None or not heldout or rc.eval_every == 0:
+        return None
+    prompts, seeds = probe_units([p.prompt for p in heldout], rc.fidelity_units, rc.seed)
+    if model_registry.is_builtin(base_model):
+        from worker.shapes.judge import judge_batch
+
+        name, score = "judge", judge_batch
+    elif getattr(settings, "clip_model_path", None):
+        name, score = (
+            "clip_score",
+            auto_metrics.ClipScorer.from_pretrained(settings.clip_model_path).score,
+        )
+    else:
+        raise RoundFailed(
+            "fidelity_budget is set, but this model has no fidelity metric to read it with: "
+            "set PREFLOOP_CLIP_MODEL_PATH to a local CLIP model, or set fidelity_budget to null"
+        )
+    return FidelityProbe(
+        prompts, seeds, score, name=name, num_inference_steps=rc.fidelity_sampling_steps
+    )
 
 
 def candidate_verdict(result: Any, heldout_pairs: int, min_gain: float) -> str | None:
@@ -513,6 +550,9 @@ def _execute(
         "steps_requested": rc.steps,
         "epochs": round(steps * rc.batch_size * rc.grad_accum / max(1, trainable), 3),
     }
+    probe = fidelity_probe_for(parent_base, rc, heldout, settings)
+    if probe is not None:
+        base_metrics["fidelity_probe"] = {"metric": probe.name, "units": len(probe)}
     writer = _ProgressWriter(session_factory, claim, cfg.steps, base_metrics)
     should_stop = _StopCheck(session_factory, claim, heartbeat)
     out_dir = work_dir(settings, claim.round_id)
@@ -530,6 +570,7 @@ def _execute(
             progress_bar=False,
             heldout=heldout,
             on_eval=writer.on_eval,
+            fidelity_probe=probe,
         )
 
     try:

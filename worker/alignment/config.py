@@ -234,6 +234,17 @@ class TrainConfig:
         ),
     )
 
+    fidelity_budget: float | None = field(
+        default=None,
+        metadata=_doc(
+            "The largest allowed fall of the fidelity probe (the model family's automatic "
+            "fidelity metric on fixed held-out units, paired against the reference; "
+            "worker.alignment.fidelity). When an evaluation falls further, training stops and "
+            "the best checkpoint within budget is kept. None (or a run without a probe) "
+            "disables it."
+        ),
+    )
+
     # ---------------------------------------------------------------- divergence guard
     loss_spike_factor: float | None = field(
         default=4.0,
@@ -289,6 +300,7 @@ class TrainConfig:
             "early_stopping_patience",
             "early_stopping_min_delta",
             "drift_budget",
+            "fidelity_budget",
             "max_steps_above_chance",
         }
     )
@@ -350,6 +362,7 @@ class TrainConfig:
         self._int("early_stopping_patience", minimum=0)
         self._float("early_stopping_min_delta", minimum=0.0)
         self._float("drift_budget", minimum=0.0, strict=True, optional=True)
+        self._float("fidelity_budget", minimum=0.0, optional=True)
 
         self._float("loss_spike_factor", minimum=1.0, strict=True, optional=True)
         self._float("winner_anchor", minimum=0.0)

@@ -31,6 +31,7 @@ __all__ = [
     "SEED_TAG_LOADER",
     "SEED_TAG_ORDER",
     "SEED_TAG_PAIR",
+    "SEED_TAG_PROBE",
     "SeededEpochSampler",
     "collate",
     "data_fingerprint",
@@ -44,6 +45,7 @@ SEED_TAG_PAIR = 2
 SEED_TAG_LOADER = 3
 SEED_TAG_EVAL = 4
 SEED_TAG_SPLIT = 5
+SEED_TAG_PROBE = 6
 
 # np.ndarray uint8 [H, W, 3] | PIL.Image.Image | torch.Tensor float [3, H, W] in [-1, 1]
 ImageLike = Any

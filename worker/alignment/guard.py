@@ -3,8 +3,9 @@
 - :class:`LossSpikeGuard` (per step): a sustained loss spike, a run bad from the start (running
   median above a ceiling, or running mean above ln 2 for too long).
 - :class:`EvalTracker` (per held-out evaluation): keeps the best evaluation within the drift
-  budget, and says when to stop: the held-out loss stopped improving (early stopping), or the
-  policy drifted past its budget.
+  and fidelity budgets, and says when to stop: the held-out loss stopped improving (early
+  stopping), the policy drifted past its budget, or the fidelity probe fell by more than its
+  budget.
 
 No torch: every rule here is tested by hand on lists of numbers (tests/alignment/test_guard.py).
 """
@@ -131,8 +132,10 @@ class EvalTracker:
     :meth:`observe` takes each :class:`EvalMetrics` in step order (the first is usually step 0,
     the reference itself: accuracy 0.5, loss ln 2, drift 0) and returns ``(is_best, stop)``:
 
-    - an evaluation whose ``drift`` exceeds ``drift_budget`` is never the best, and stops the run
-      (``stop`` says why); the best evaluation so far, within budget, is what the run keeps;
+    - an evaluation whose ``drift`` exceeds ``drift_budget``, or whose ``fidelity`` change is
+      below ``-fidelity_budget`` (the probe's paired change against the reference,
+      :mod:`worker.alignment.fidelity`), is never the best, and stops the run (``stop`` says
+      why); the best evaluation so far, within budget, is what the run keeps;
     - otherwise it is the new best when its held-out loss is below the best's by more than
       ``min_delta`` (the first evaluation is always the best so far);
     - after ``patience`` evaluations in a row that are not the best, ``stop`` says the curve
@@ -145,6 +148,7 @@ class EvalTracker:
     patience: int = 0
     min_delta: float = 0.0
     drift_budget: float | None = None
+    fidelity_budget: float | None = None
     evals: list[EvalMetrics] = field(default_factory=list)
     best_index: int | None = None
     since_best: int = 0
@@ -155,6 +159,7 @@ class EvalTracker:
             patience=config.early_stopping_patience,
             min_delta=config.early_stopping_min_delta,
             drift_budget=config.drift_budget,
+            fidelity_budget=config.fidelity_budget,
         )
 
     @property
@@ -170,6 +175,16 @@ class EvalTracker:
             return False, (
                 f"drift {m.drift:.4g} at step {m.step} is above the budget "
                 f"{self.drift_budget:g}: stopped, keeping {kept}"
+            )
+        if (
+            self.fidelity_budget is not None
+            and m.fidelity is not None
+            and m.fidelity < -self.fidelity_budget
+        ):
+            kept = f"step {best.step}" if best is not None else "nothing"
+            return False, (
+                f"fidelity fell by {-m.fidelity:.4g} at step {m.step}, more than the budget "
+                f"{self.fidelity_budget:g}: stopped, keeping {kept}"
             )
         if best is None or m.loss < best.loss - self.min_delta:
             self.best_index = len(self.evals) - 1

@@ -65,6 +65,10 @@ class EvalMetrics:
             the held-out images; their ratio is the "model/ref MSE" of earlier reports.
         pairs: held-out pairs evaluated.
         seconds: wall time of the evaluation.
+        fidelity: the fidelity probe's mean paired change of the family's fidelity metric
+            against the reference (:mod:`worker.alignment.fidelity`; 0 at the reference,
+            negative: less faithful), or None when the run has no probe.
+        fidelity_sem: its standard error.
     """
 
     step: int
@@ -76,6 +80,8 @@ class EvalMetrics:
     ref_mse: float
     pairs: int
     seconds: float = 0.0
+    fidelity: float | None = None
+    fidelity_sem: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -43,6 +43,7 @@ Nothing here imports from the web or database layers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -89,6 +91,7 @@ from worker.alignment.data import (
     derive_seed,
     image_to_tensor,
 )
+from worker.alignment.fidelity import FidelityProbe, ProbeReading
 from worker.alignment.guard import EvalTracker, LossSpikeGuard
 from worker.alignment.holdout import HeldOutSet
 from worker.alignment.losses import (
@@ -199,8 +202,10 @@ class _Trainer:
         progress_bar: bool | None,
         heldout: Sequence[PreferencePair] | None = None,
         on_eval: Callable[[EvalMetrics], None] | None = None,
+        fidelity_probe: FidelityProbe | None = None,
     ) -> None:
         self.backbone = backbone
+        self.fidelity_probe = fidelity_probe
         self.config = config
         self.output_dir = output_dir
         self.progress = progress
@@ -549,22 +554,62 @@ class _Trainer:
         unet.eval()
         try:
             m = self.heldout.evaluate(policy, reference, step=step, device=acc.device)
+            if self.fidelity_probe is not None:
+                reading = self._read_probe(self.fidelity_probe)
+                m = dataclasses.replace(m, fidelity=reading.delta, fidelity_sem=reading.sem)
         finally:
             unet.train(was_training)
         is_best, stop = self.tracker.observe(m)
         if is_best:
             self.best_weights = self._trainable_snapshot()
         logger.info(
-            "held-out @%d: acc %.3f loss %.4f drift %.4g%s",
+            "held-out @%d: acc %.3f loss %.4f drift %.4g%s%s",
             step,
             m.accuracy,
             m.loss,
             m.drift,
+            "" if m.fidelity is None else f" fidelity {m.fidelity:+.4f}±{m.fidelity_sem:.4f}",
             " (best)" if is_best else "",
         )
         if self.on_eval is not None and acc.is_main_process:
             self.on_eval(m)
         return m, is_best, stop
+
+    def _read_probe(self, probe: FidelityProbe) -> ProbeReading:
+        """Samples the probe's units from the policy (and, once per run, from the reference:
+        the UNet with adapters disabled, or the frozen copy) and reads the paired change.
+        Every process samples the same units with the same weights, so every process takes the
+        same decision without a collective."""
+        from worker.alignment.sampling import sample
+
+        bb, acc, unet = self.backbone, self.accelerator, self._unet
+
+        def sampler_with(model: nn.Module) -> Callable[[list[str], list[int]], np.ndarray]:
+            def _sample(prompts: list[str], seeds: list[int]) -> np.ndarray:
+                saved = bb.unet
+                bb.unet = model
+                try:
+                    with acc.autocast():
+                        out = sample(
+                            bb,
+                            prompts,
+                            seeds,
+                            num_inference_steps=probe.num_inference_steps,
+                            batch_size=probe.batch_size,
+                        )
+                finally:
+                    bb.unet = saved
+                return np.stack([g.image for g in out])
+
+            return _sample
+
+        if probe.reference_scores is None:
+            if self.reference is not None:
+                probe.set_reference(sampler_with(self.reference))
+            else:
+                with adapters_disabled(unet) as base:
+                    probe.set_reference(sampler_with(base))
+        return probe.read(sampler_with(unet))
 
     def _restore_best(self, state: RunState) -> int:
         """Loads the best held-out weights into the UNet; returns their step."""
@@ -796,6 +841,7 @@ def train(
     progress_bar: bool | None = None,
     heldout: Sequence[PreferencePair] | None = None,
     on_eval: Callable[[EvalMetrics], None] | None = None,
+    fidelity_probe: FidelityProbe | None = None,
 ) -> TrainResult:
     """Aligns ``backbone`` to ``pairs`` with DDE (or the configured credit scheme).
 
@@ -823,6 +869,9 @@ def train(
             keeps its best evaluation within ``config.drift_budget``, may stop early, and writes
             the best weights (:class:`TrainResult` ``best_step``, ``evals``, ``stop_reason``).
         on_eval: called on the main process with each held-out :class:`EvalMetrics`.
+        fidelity_probe: with held-out evaluation, a :class:`FidelityProbe` read at every
+            evaluation (its paired change lands in :attr:`EvalMetrics.fidelity`); an
+            evaluation that falls by more than ``config.fidelity_budget`` stops the run.
 
     Returns:
         :class:`TrainResult`.
@@ -845,5 +894,6 @@ def train(
         progress_bar,
         heldout,
         on_eval,
+        fidelity_probe,
     )
     return trainer.run()
