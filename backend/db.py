@@ -33,6 +33,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from backend import staging
 from backend.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 15000
@@ -93,6 +94,8 @@ class Database:
         self.write_engine = self.engine.execution_options(prefloop_write=True)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
+        for factory in (self._read, self._write):
+            staging.install(factory)  # files of a transaction that does not commit go too
         # Not more threads than pooled connections: the hot paths never open overflow
         # connections (each costs a new PostgreSQL backend when the pool later drops it).
         self._threads = max(1, pool_size)

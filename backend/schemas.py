@@ -4,18 +4,37 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend.models import Choice, RoundStatus, UserRole, UserStatus, VersionStatus
+from backend.text_input import StoredText
 
-Username = Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
-Password = Annotated[str, Field(min_length=8, max_length=128)]
+# Every text field of a request is a StoredText (backend/text_input.py): a NUL character, a
+# lone surrogate or an overlong value is a 422 naming the field.
+Username = StoredText(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+Password = StoredText(min_length=8, max_length=128)
+#: What a login form accepts (any stored account, whatever its age): no format rules.
+LoginUsername = StoredText(min_length=1, max_length=64)
+LoginPassword = StoredText(min_length=1, max_length=1024)
+PromptText = StoredText(min_length=1, max_length=2000)
+PromptSource = StoredText(max_length=128)
+Reason = StoredText(max_length=2000)
+LoginScope = StoredText(max_length=1024)
 
 
 class Message(BaseModel):
     detail: str
+
+
+class LoginForm(BaseModel):
+    """The OAuth2 password flow's form (``application/x-www-form-urlencoded``)."""
+
+    username: LoginUsername
+    password: LoginPassword
+    grant_type: Literal["password"] | None = None
+    scope: LoginScope = ""
 
 
 class Token(BaseModel):
@@ -115,8 +134,8 @@ class VotePublic(BaseModel):
 
 class PromptCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1, max_length=2000)
-    source: str | None = Field(None, max_length=128)
+    text: PromptText
+    source: PromptSource | None = None
 
 
 class PromptPublic(BaseModel):
@@ -173,7 +192,7 @@ class VersionActionPublic(VersionPublic):
 
 class VersionReject(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str | None = Field(None, max_length=2000)
+    reason: Reason | None = None
 
 
 class VersionRollback(VersionReject):

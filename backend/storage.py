@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 MEDIA_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -34,8 +35,16 @@ class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
 
-    def save(self, data: bytes, media_type: str) -> tuple[str, str]:
-        """Store ``data``; returns ``(relative_path, sha256)``. Idempotent per content."""
+    def save(
+        self,
+        data: bytes,
+        media_type: str,
+        *,
+        on_create: Callable[[Path, str], None] | None = None,
+    ) -> tuple[str, str]:
+        """Store ``data``; returns ``(relative_path, sha256)``. Idempotent per content.
+        ``on_create(path, relative_path)`` is called when this call created the file (see
+        :mod:`backend.staging`)."""
         ext = MEDIA_EXTENSIONS.get(media_type)
         if ext is None:
             raise ValueError(f"unsupported image type {media_type!r}")
@@ -54,6 +63,8 @@ class ImageStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            if on_create is not None:
+                on_create(path, rel)
         return rel, digest
 
     def resolve(self, rel: str) -> Path:

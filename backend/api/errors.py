@@ -6,7 +6,10 @@
 - ``IntegrityError`` (a concurrent request won a unique constraint): 409.
 - ``OperationalError`` (database unavailable or locked too long): 503 with ``Retry-After``.
 - anything else: 500 ``{"detail": "internal server error", "request_id": ...}``, logged with
-  its traceback.
+  its traceback by :class:`~backend.api.middleware.RequestContextMiddleware` (inside the
+  request's context, so the log line and the ``X-Request-ID`` header carry the same id).
+
+Every 5xx body carries ``request_id`` (:func:`error_response`).
 """
 
 from __future__ import annotations
@@ -39,9 +42,21 @@ def _json_safe_errors(errors: Any) -> list[dict[str, Any]]:
     return out
 
 
+def error_body(status_code: int, detail: Any) -> dict[str, Any]:
+    """``{"detail": ...}``, plus the request id on a 5xx (to match it with its log line)."""
+    if status_code >= 500:
+        return {"detail": detail, "request_id": request_id_var.get()}
+    return {"detail": detail}
+
+
+def error_response(
+    status_code: int, detail: Any, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status_code, detail), status_code=status_code, headers=headers)
+
+
 async def http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    headers = getattr(exc, "headers", None)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+    return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
 
 async def validation_exception_handler(
@@ -53,32 +68,21 @@ async def validation_exception_handler(
     auth_error = await recheck_user_before_422(request)
     if auth_error is not None:
         return await http_exception_handler(request, auth_error)
-    return JSONResponse({"detail": _json_safe_errors(exc.errors())}, status_code=422)
+    return error_response(422, _json_safe_errors(exc.errors()))
 
 
 async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return error_response(exc.status_code, exc.detail, exc.headers)
 
 
 async def integrity_error_handler(request: Request, exc: IntegrityError) -> JSONResponse:
     log.info("integrity error: %s", exc.orig)
-    return JSONResponse({"detail": "conflicts with existing data"}, status_code=409)
+    return error_response(409, "conflicts with existing data")
 
 
 async def operational_error_handler(request: Request, exc: OperationalError) -> JSONResponse:
     log.error("database error: %s", exc.orig)
-    return JSONResponse(
-        {"detail": "database temporarily unavailable"},
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
-
-
-async def unhandled_exception_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(
-        {"detail": "internal server error", "request_id": request_id_var.get()}, status_code=500
-    )
+    return error_response(503, "database temporarily unavailable", {"Retry-After": "1"})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -87,4 +91,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, service_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(IntegrityError, integrity_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, operational_error_handler)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, unhandled_exception_handler)
+    # Anything else: RequestContextMiddleware answers 500 (see the module doc).

@@ -11,9 +11,11 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from backend.api.errors import error_body
 from backend.observability import Metrics, request_id_var
 
 log = logging.getLogger("prefloop.access")
+log_errors = logging.getLogger("prefloop.errors")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -43,7 +45,11 @@ class BodyTooLarge(HTTPException):
 
 class RequestContextMiddleware:
     """Assigns ``X-Request-ID`` (kept from the client when well-formed), logs one JSON line per
-    request, and records Prometheus counters and latency under the route template."""
+    request, and records Prometheus counters and latency under the route template.
+
+    An unhandled exception is answered here, inside the request's context: a 500 whose body
+    and ``X-Request-ID`` header carry the id that its logged traceback and access line carry.
+    """
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
@@ -64,9 +70,12 @@ class RequestContextMiddleware:
         status = 500
         start = time.perf_counter()
 
+        started = False
+
         async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
@@ -74,6 +83,22 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            log_errors.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            body = json.dumps(error_body(500, "internal server error")).encode()
+            await send_wrapper(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send_wrapper({"type": "http.response.body", "body": body})
         finally:
             elapsed = time.perf_counter() - start
             template = route_template(scope)

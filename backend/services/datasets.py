@@ -45,8 +45,11 @@ from backend.services.common import as_utc
 from backend.services.errors import Invalid
 from backend.services.prompts import MAX_PROMPT_CHARS
 from backend.storage import ImageStore, sniff_media_type
+from backend.text_input import TextProblem, check_text
 
 EXPORT_BATCH = 200
+#: An outside model's name becomes the version ``external:<name>`` (255 characters).
+MAX_MODEL_NAME_CHARS = 255 - len("external:")
 
 
 def iter_export_records(session: Session, store: ImageStore) -> Iterator[Any]:
@@ -145,6 +148,24 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return 0, 0
 
 
+def _checked_caption(i: int, row: Any) -> str:
+    """Row ``i``'s caption, whitespace-normalised; :class:`Invalid` naming the row and field
+    when the caption, a model name or an image cannot be stored."""
+    caption = " ".join(str(row.caption).split())[:MAX_PROMPT_CHARS]
+    if not caption:
+        raise Invalid(f"row {i}: empty caption")
+    try:
+        check_text(caption, "caption")
+        for name in ("model_0", "model_1"):
+            check_text(str(getattr(row, name) or ""), name, max_length=MAX_MODEL_NAME_CHARS)
+    except TextProblem as exc:
+        raise Invalid(f"row {i}: {exc}") from None
+    for name, blob in (("image_0", row.image_0), ("image_1", row.image_1)):
+        if sniff_media_type(blob) is None:
+            raise Invalid(f"row {i}: {name} is not a PNG, JPEG or WebP image")
+    return caption
+
+
 def import_pairs(
     session: Session,
     store: ImageStore,
@@ -167,13 +188,9 @@ def import_pairs(
     model_versions: dict[str, int] = {}
     created = {"prompts": 0, "users": 0, "versions": 0}
     n_votes = 0
-    for i, row in enumerate(pairs, 1):
-        caption = " ".join(str(row.caption).split())[:MAX_PROMPT_CHARS]
-        if not caption:
-            raise Invalid(f"row {i}: empty caption")
-        for name, blob in (("image_0", row.image_0), ("image_1", row.image_1)):
-            if sniff_media_type(blob) is None:
-                raise Invalid(f"row {i}: {name} is not a PNG, JPEG or WebP image")
+    # Validate every row before writing anything (a bad row 2 never follows row 1's writes).
+    captions = [_checked_caption(i, row) for i, row in enumerate(pairs, 1)]
+    for row, caption in zip(pairs, captions, strict=True):
         prompt_id = prompts.get(caption)
         if prompt_id is None:
             prompt_id = session.scalar(select(Prompt.id).where(Prompt.text == caption))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from backend import staging
 from backend.models import Image
 from backend.services.errors import Invalid, NotFound
 from backend.storage import ImageStore, sniff_media_type
@@ -24,11 +25,14 @@ def store_image(
     height: int,
 ) -> Image:
     """Write the bytes (content-addressed, atomic) and add the row (flushed, not committed).
-    A file left behind by a rolled-back transaction is harmless: same content, same path."""
+    A file this call creates is deleted again if the session's transaction does not commit
+    (:mod:`backend.staging`)."""
     media_type = sniff_media_type(data)
     if media_type is None:
         raise Invalid("image bytes are not PNG, JPEG or WebP")
-    rel, digest = store.save(data, media_type)
+    rel, digest = store.save(
+        data, media_type, on_create=lambda path, rel: staging.track_new_file(session, path, rel)
+    )
     image = Image(
         version_id=version_id,
         prompt_id=prompt_id,

@@ -26,8 +26,10 @@ from sqlalchemy.orm import Session
 from backend.models import Prompt
 from backend.services.common import dialect_insert
 from backend.services.errors import Invalid
+from backend.text_input import TextProblem, check_text
 
 MAX_PROMPT_CHARS = 2000
+MAX_SOURCE_CHARS = 128
 TEXT_KEYS = ("text", "prompt", "caption")
 
 
@@ -49,19 +51,32 @@ def _clean(text: object, line: int | None) -> str:
     text = " ".join(text.split())
     if not text:
         raise PromptFileError(line, "empty prompt")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise PromptFileError(line, f"prompt longer than {MAX_PROMPT_CHARS} characters")
-    if "\x00" in text:
-        raise PromptFileError(line, "prompt contains a NUL character")
-    return text
+    try:
+        return check_text(text, "text", max_length=MAX_PROMPT_CHARS)
+    except TextProblem as exc:
+        raise PromptFileError(line, str(exc)) from None
 
 
 def _source(value: object, line: int | None, default: str | None) -> str | None:
     if value is None or value == "":
         return default
-    if not isinstance(value, str) or len(value) > 128:
-        raise PromptFileError(line, "source must be a string of at most 128 characters")
-    return value
+    if not isinstance(value, str):
+        raise PromptFileError(line, "source must be a string")
+    try:
+        return check_text(value, "source", max_length=MAX_SOURCE_CHARS)
+    except TextProblem as exc:
+        raise PromptFileError(line, str(exc)) from None
+
+
+def check_default_source(value: str | None, field: str) -> str | None:
+    """A request-wide ``source`` (a form field, or the uploaded file's name): 422 naming
+    ``field`` when it cannot be stored."""
+    if value is None or value == "":
+        return None
+    try:
+        return check_text(value, field, max_length=MAX_SOURCE_CHARS)
+    except TextProblem as exc:
+        raise PromptFileError(None, str(exc)) from None
 
 
 def detect_format(filename: str | None, content_type: str | None) -> str:

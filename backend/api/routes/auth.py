@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
-from fastapi.security import OAuth2PasswordRequestForm
+from fastapi import APIRouter, Form, HTTPException, Request, status
 
 from backend.api.deps import SessionDep, StateDep, reads_only
 from backend.models import UserStatus
-from backend.schemas import Token, UserPublic, UserRegister
+from backend.schemas import LoginForm, Token, UserPublic, UserRegister
 from backend.services import users as user_service
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -21,7 +20,7 @@ def _client_ip(request: Request) -> str:
 @reads_only
 def login(
     request: Request,
-    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    form: Annotated[LoginForm, Form()],
     session: SessionDep,
     state: StateDep,
 ) -> Token:

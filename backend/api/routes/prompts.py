@@ -10,13 +10,20 @@ from starlette.datastructures import UploadFile
 
 from backend.api.deps import AdminUser, CurrentUser, Limit, Offset, SessionDep, StateDep
 from backend.api.errors import _json_safe_errors
-from backend.schemas import PromptCreate, PromptPublic, PromptsCreated, PromptsPublic
+from backend.schemas import (
+    PromptCreate,
+    PromptPublic,
+    PromptsCreated,
+    PromptsPublic,
+    PromptText,
+)
 from backend.services import prompts as prompt_service
 from backend.services.prompts import PromptIn
+from backend.text_input import NO_NUL_PATTERN
 
 router = APIRouter(prefix="/prompts", tags=["prompts"])
 
-_JSON_BODY = TypeAdapter(list[PromptCreate | str])
+_JSON_BODY = TypeAdapter(list[PromptCreate | PromptText])
 
 _REQUEST_BODY: dict[str, Any] = {
     "required": True,
@@ -27,7 +34,12 @@ _REQUEST_BODY: dict[str, Any] = {
                 "minItems": 1,
                 "items": {
                     "anyOf": [
-                        {"type": "string", "minLength": 1, "maxLength": 2000},
+                        {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 2000,
+                            "pattern": NO_NUL_PATTERN,
+                        },
                         PromptCreate.model_json_schema(),
                     ]
                 },
@@ -43,7 +55,7 @@ _REQUEST_BODY: dict[str, Any] = {
                         "format": "binary",
                         "description": "A .txt, .csv or .jsonl prompt file.",
                     },
-                    "source": {"type": "string", "maxLength": 128},
+                    "source": {"type": "string", "maxLength": 128, "pattern": NO_NUL_PATTERN},
                 },
             }
         },
@@ -76,11 +88,14 @@ async def _parse_request(request: Request) -> list[PromptIn]:
         if not isinstance(upload, UploadFile):
             raise HTTPException(422, detail="multipart body needs a 'file' part")
         source = form.get("source")
-        if source is not None and (not isinstance(source, str) or len(source) > 128):
-            raise HTTPException(422, detail="source must be a string of at most 128 characters")
+        if source is not None and not isinstance(source, str):
+            raise HTTPException(422, detail="source must be a string")
+        source = prompt_service.check_default_source(source, "source")
+        if source is None:
+            source = prompt_service.check_default_source(upload.filename, "file name (the source)")
         data = await upload.read()
         fmt = prompt_service.detect_format(upload.filename, upload.content_type)
-        return prompt_service.parse_prompt_file(data, fmt, source=source or upload.filename)
+        return prompt_service.parse_prompt_file(data, fmt, source=source)
     raise HTTPException(
         status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
         detail="send a JSON list or a multipart/form-data upload with a 'file' part",
