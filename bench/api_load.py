@@ -19,6 +19,11 @@ the machine ran nothing else.
 ``--think-ms`` adds a pause after each vote (people do not vote back to back): without it the
 loop is closed, every annotator always has a request in flight, and by Little's law the mean
 latency is simply annotators / throughput.
+
+The v1 contract comes from :mod:`prefloop_client`: the typed client signs the annotators in and
+waits for the server; the measured loop builds its requests with the package's ``vote_payload``
+and reads pairs with ``parse_pair``, over aiohttp, because hundreds of concurrent annotators
+need an asyncio transport that costs the 2-core machine little CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from prefloop_client import API_PREFIX, Choice, PrefloopClient, parse_pair, vote_payload
 
 try:
     import orjson
@@ -352,40 +359,22 @@ class LevelResult:
         return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
 
 
-async def wait_ready(base: str, timeout: float = 60) -> None:
-    import aiohttp
-
+def wait_ready(base: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
+    with PrefloopClient(base) as client:
         while time.monotonic() < deadline:
-            try:
-                async with s.get(f"{base}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
+            if client.healthy():
+                return
+            time.sleep(0.3)
     raise RuntimeError(f"server at {base} did not become healthy in {timeout} s")
 
 
-async def login_all(base: str, names: list[str]) -> list[str]:
-    import aiohttp
+def login_all(base: str, names: list[str]) -> list[str]:
+    """Sign every annotator in through the typed client (8 at a time: argon2 costs CPU)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    sem = asyncio.Semaphore(8)
-    async with aiohttp.ClientSession() as s:
-
-        async def one(name: str) -> str:
-            async with (
-                sem,
-                s.post(
-                    f"{base}/api/v1/auth/token", data={"username": name, "password": PASSWORD}
-                ) as r,
-            ):
-                if r.status != 200:
-                    raise RuntimeError(f"login {name}: {r.status} {await r.text()}")
-                return (await r.json())["access_token"]
-
-        return await asyncio.gather(*(one(n) for n in names))
+    with PrefloopClient(base) as client, ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda name: client.login(name, PASSWORD), names))
 
 
 async def run_level(
@@ -400,7 +389,7 @@ async def run_level(
 
     res = LevelResult(annotators=len(tokens), seconds=seconds)
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
-    choices = ["left", "right", "left", "right", "tie"]
+    choices: list[Choice] = ["left", "right", "left", "right", "tie"]
     stop_at = time.perf_counter() + seconds
 
     async with aiohttp.ClientSession(connector=conn) as s:
@@ -415,7 +404,7 @@ async def run_level(
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    async with s.get(f"{base}/api/v1/pairs/next", headers=hdr) as r:
+                    async with s.get(f"{base}{API_PREFIX}/pairs/next", headers=hdr) as r:
                         body = await r.read()
                         status = r.status
                 except aiohttp.ClientError as exc:
@@ -430,17 +419,13 @@ async def run_level(
                 if status != 200:
                     error(f"next {status}")
                     continue
-                pair_id = _loads(body)["pair_id"]
-                payload = _dumps(
-                    {
-                        "pair_id": pair_id,
-                        "choice": rnd.choice(choices),
-                        "client_vote_id": uuid.uuid4().hex,
-                    }
-                )
+                pair = parse_pair(_loads(body))
+                payload = _dumps(vote_payload(pair.pair_id, rnd.choice(choices), uuid.uuid4().hex))
                 t0 = time.perf_counter()
                 try:
-                    async with s.post(f"{base}/api/v1/votes", data=payload, headers=vote_hdr) as r:
+                    async with s.post(
+                        f"{base}{API_PREFIX}/votes", data=payload, headers=vote_hdr
+                    ) as r:
                         vb = await r.read()
                         vstatus = r.status
                 except aiohttp.ClientError as exc:
@@ -629,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        asyncio.run(wait_ready(base))
-        tokens = asyncio.run(login_all(base, [f"ann{i:04d}" for i in range(max(levels))]))
+        wait_ready(base)
+        tokens = login_all(base, [f"ann{i:04d}" for i in range(max(levels))])
         for n in levels:
             asyncio.run(run_level(base, tokens[:1], 1.0, vote_ids))  # warm-up
             r = asyncio.run(run_level(base, tokens[:n], a.seconds, vote_ids, meter, a.think_ms))

@@ -19,6 +19,8 @@ from prefloop_client.api import (
     Unauthorized,
     VoteReceipt,
     normalize_base_url,
+    parse_pair,
+    vote_payload,
 )
 
 __all__ = [
@@ -39,4 +41,6 @@ __all__ = [
     "Unauthorized",
     "VoteReceipt",
     "normalize_base_url",
+    "parse_pair",
+    "vote_payload",
 ]

@@ -165,7 +165,8 @@ def _parse_retry_after(value: str | None) -> float:
     return seconds if seconds > 0 else DEFAULT_RETRY_AFTER_S
 
 
-def _parse_pair(body: Mapping[str, Any]) -> Pair:
+def parse_pair(body: Mapping[str, Any]) -> Pair:
+    """A ``GET /pairs/next`` body as a :class:`Pair` (:class:`ApiError` when malformed)."""
     try:
         return Pair(
             pair_id=body["pair_id"],
@@ -175,6 +176,24 @@ def _parse_pair(body: Mapping[str, Any]) -> Pair:
         )
     except (KeyError, TypeError) as exc:
         raise ApiError(200, f"unexpected pair payload from the API: {exc!r}") from exc
+
+
+def vote_payload(
+    pair_id: str | int,
+    choice: Choice,
+    client_vote_id: str | None = None,
+    latency_ms: float | None = None,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /votes`` (a client that brings its own transport, such as the
+    asyncio load benchmark, builds it here too)."""
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+    payload: dict[str, Any] = {"pair_id": pair_id, "choice": choice}
+    if client_vote_id is not None:
+        payload["client_vote_id"] = client_vote_id
+    if latency_ms is not None:
+        payload["latency_ms"] = max(0, int(latency_ms))
+    return payload
 
 
 class PrefloopClient:
@@ -304,7 +323,7 @@ class PrefloopClient:
         body = self._json(response)
         if not isinstance(body, dict):
             raise ApiError(200, "unexpected pair payload from the API")
-        return _parse_pair(body)
+        return parse_pair(body)
 
     def image_bytes(self, token: str, image: ImageRef) -> tuple[bytes, str]:
         """Fetch an image's bytes; returns ``(content, content_type)``.
@@ -331,13 +350,7 @@ class PrefloopClient:
         latency_ms: int | None = None,
     ) -> VoteReceipt:
         """Submit a vote. Safe to repeat with the same ``client_vote_id`` (counted once)."""
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
-        payload: dict[str, Any] = {"pair_id": pair_id, "choice": choice}
-        if client_vote_id is not None:
-            payload["client_vote_id"] = client_vote_id
-        if latency_ms is not None:
-            payload["latency_ms"] = max(0, int(latency_ms))
+        payload = vote_payload(pair_id, choice, client_vote_id, latency_ms)
         response = self._request(
             "POST", f"{API_PREFIX}/votes", token=token, json=payload, expected=(200, 201)
         )
