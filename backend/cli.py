@@ -60,6 +60,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's proxy-header options: ``X-Forwarded-For`` is believed only from
+    ``PREFLOOP_TRUSTED_PROXIES`` (uvicorn's own default trusts 127.0.0.1, so any local
+    process or same-host proxy could pick its client address)."""
+    trusted = settings.trusted_proxy_list
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or []}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -85,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_config=None,
         access_log=False,
-        proxy_headers=True,
+        **proxy_options(settings),
     )
     return 0
 

@@ -1,8 +1,8 @@
 """The FastAPI app factory.
 
 ``create_app(settings=None, dispatcher=None)`` builds everything from settings (no global
-engine): the database, password and token services, the image store, metrics, the login rate
-limiter, and the dispatcher (Celery by default; tests pass a recording one). Start-up (the
+engine): the database, password and token services, the image store, metrics, the login and
+registration rate limiters (shared through Redis when configured), and the dispatcher (Celery by default; tests pass a recording one). Start-up (the
 lifespan) configures logging and makes sure the admin account and the base model's version
 exist; in local mode without a configured password, the admin password is generated then and
 printed once to stdout.
@@ -26,7 +26,7 @@ from backend.api.state import AppState, ImageSigner
 from backend.db import Database
 from backend.dispatch import CeleryDispatcher, Dispatcher
 from backend.observability import Metrics, configure_logging
-from backend.rate_limit import SlidingWindowLimiter
+from backend.rate_limit import make_limiter
 from backend.security import PasswordService, TokenService
 from backend.services import users as user_service
 from backend.services import versions as version_service
@@ -56,8 +56,17 @@ def build_state(settings: Settings, dispatcher: Dispatcher | None = None) -> App
         tokens=TokenService(secret, settings.token_ttl_seconds),
         dispatcher=dispatcher if dispatcher is not None else CeleryDispatcher(settings),
         metrics=Metrics(),
-        login_limiter=SlidingWindowLimiter(
-            settings.login_rate_limit_attempts, settings.login_rate_limit_window_seconds
+        login_limiter=make_limiter(
+            settings.rate_limit_redis_url,
+            settings.login_rate_limit_attempts,
+            settings.login_rate_limit_window_seconds,
+            name="login",
+        ),
+        register_limiter=make_limiter(
+            settings.rate_limit_redis_url,
+            settings.register_rate_limit_attempts,
+            settings.register_rate_limit_window_seconds,
+            name="register",
         ),
         store=ImageStore(settings.images_dir),
         signer=ImageSigner(secret),

@@ -157,7 +157,27 @@ class User(Base):
     )
     daily_cap: Mapped[int | None] = mapped_column(Integer, doc="Overrides the setting.")
     weekly_cap: Mapped[int | None] = mapped_column(Integer, doc="Overrides the setting.")
+    token_version: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default=text("0"),
+        doc="Tokens carry the version they were issued at; bumping it (password or role "
+        "change, ban, logout) ends every session of the user.",
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Invite(Base):
+    """A single-use sign-up code (``PREFLOOP_SIGNUP_INVITES``): only its SHA-256 is stored."""
+
+    __tablename__ = "invites"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    used_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column()
 
 
 class Prompt(Base):

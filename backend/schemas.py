@@ -22,6 +22,7 @@ PromptText = StoredText(min_length=1, max_length=2000)
 PromptSource = StoredText(max_length=128)
 Reason = StoredText(max_length=2000)
 LoginScope = StoredText(max_length=1024)
+InviteCode = StoredText(min_length=1, max_length=128)
 
 
 class Message(BaseModel):
@@ -50,9 +51,15 @@ class UserRegister(BaseModel):
     model_config = ConfigDict(extra="forbid")
     username: Username
     password: Password
+    invite_code: InviteCode | None = Field(
+        None, description="Required when the server takes sign-ups by invite only."
+    )
 
 
-class UserCreate(UserRegister):
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: Username
+    password: Password
     role: UserRole = UserRole.annotator
     daily_cap: int | None = Field(None, ge=0, le=10_000_000)
     weekly_cap: int | None = Field(None, ge=0, le=10_000_000)
@@ -65,6 +72,12 @@ class UserUpdate(BaseModel):
     daily_cap: int | None = Field(None, ge=0, le=10_000_000)
     weekly_cap: int | None = Field(None, ge=0, le=10_000_000)
     password: Password | None = None
+
+
+class InvitePublic(BaseModel):
+    id: int
+    code: str = Field(description="The single-use sign-up code; shown only now.")
+    created_at: datetime
 
 
 class UserPublic(BaseModel):

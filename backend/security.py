@@ -4,7 +4,9 @@ argon2 runs only at login, registration and user creation. A request is authenti
 verifying the token's HMAC (microseconds) and then loading the user by primary key (one
 indexed lookup), which is where bans and role changes take effect, immediately and without
 a cache that could go stale. The token carries the user id (``sub``) and role for clients;
-the server trusts the database row, not the role claim.
+the server trusts the database row, not the role claim. It also carries the user's
+``token_version`` (``ver``) at issue time: a password change, a role change, a ban or a
+logout bumps the row's version, and every token issued before stops working (401).
 
 Decoding is cached per token string (:class:`TokenService`): a token's claims never change
 (same string, same key), so a hit only re-checks the expiry against the clock. Only the
@@ -55,6 +57,7 @@ class TokenClaims:
     user_id: int
     role: str
     expires_at: int
+    version: int = 0
 
 
 class InvalidToken(Exception):
@@ -71,9 +74,16 @@ class TokenService:
         self.ttl_seconds = ttl_seconds
         self._cache: dict[str, TokenClaims] = {}
 
-    def issue(self, user_id: int, role: str) -> str:
+    def issue(self, user_id: int, role: str, version: int = 0) -> str:
+        """A token for the user at ``version`` (the row's ``token_version``)."""
         now = int(time.time())
-        payload = {"sub": str(user_id), "role": role, "iat": now, "exp": now + self.ttl_seconds}
+        payload = {
+            "sub": str(user_id),
+            "role": role,
+            "ver": version,
+            "iat": now,
+            "exp": now + self.ttl_seconds,
+        }
         return jwt.encode(payload, self._secret, algorithm=ALGORITHM)
 
     def decode(self, token: str) -> TokenClaims:
@@ -101,6 +111,7 @@ class TokenService:
                 user_id=int(payload["sub"]),
                 role=str(payload.get("role", "")),
                 expires_at=int(payload["exp"]),
+                version=int(payload.get("ver", 0)),
             )
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise InvalidToken(str(exc)) from exc

@@ -64,8 +64,27 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     token_ttl_seconds: int = Field(12 * 3600, ge=60)
     open_signup: bool | None = Field(None, description="Unset: on in local mode, else off.")
+    signup_invites: bool = Field(
+        False,
+        description="Sign-up (when open) also needs a single-use invite code that an admin "
+        "created with POST /api/v1/invites.",
+    )
     login_rate_limit_attempts: int = Field(10, ge=1)
     login_rate_limit_window_seconds: float = Field(60.0, gt=0)
+    register_rate_limit_attempts: int = Field(
+        5, ge=1, description="Registrations per client IP per register_rate_limit_window."
+    )
+    register_rate_limit_window_seconds: float = Field(3600.0, gt=0)
+    rate_limit_redis_url: str | None = Field(
+        None,
+        description="Redis (redis://...) shared by every API process and host for the login "
+        "and registration limits. Unset: each process counts alone.",
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated IPs or CIDR networks of reverse proxies whose "
+        "X-Forwarded-For is believed. Empty: the peer address is the client.",
+    )
     argon2_time_cost: int = Field(3, ge=1, le=20)
     argon2_memory_kib: int = Field(65536, ge=8, le=4 * 1024 * 1024)
 
@@ -185,6 +204,19 @@ class Settings(BaseSettings):
             raise ValueError("needs PREFLOOP_CLIP_MODEL_PATH (the CLIP model it runs on)")
         return v
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, v: str) -> str:
+        import ipaddress
+
+        for part in (p.strip() for p in v.split(",")):
+            if part:
+                try:
+                    ipaddress.ip_network(part, strict=False)
+                except ValueError:
+                    raise ValueError(f"{part!r} is not an IP address or network") from None
+        return v
+
     @field_validator("secret_key")
     @classmethod
     def _long_secret(cls, v: SecretStr | None) -> SecretStr | None:
@@ -248,6 +280,11 @@ class Settings(BaseSettings):
     @property
     def celery_result_backend(self) -> str:
         return self.result_backend or f"db+sqlite:///{self.data_dir / 'results.db'}"
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        """``trusted_proxies`` as a list of addresses / networks (empty: trust none)."""
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     @property
     def signup_open(self) -> bool:

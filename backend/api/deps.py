@@ -7,7 +7,8 @@ write (any non-GET method, or a GET endpoint marked with :func:`writes`, like
 
 Authentication: the bearer token's signature and expiry are checked (no database), then the
 user row is loaded by primary key in the request's session: banned users get 403 on every
-endpoint from the moment the ban commits.
+endpoint from the moment the ban commits, and a token older than the row's
+``token_version`` (password or role changed, logged out) gets 401.
 
 The annotation hot paths (``GET /pairs/next``, ``POST /votes``) take :data:`BearerClaims`
 instead of ``CurrentUser`` + ``SessionDep``: the token is checked in the dependency (401 as
@@ -104,6 +105,8 @@ def get_current_user(
         raise _unauthorized("invalid or expired token")
     if user.status == UserStatus.banned:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="account is banned")
+    if user.token_version != claims.version:
+        raise _unauthorized("invalid or expired token")
     return user
 
 
@@ -152,14 +155,15 @@ class ActiveUser:
 
 
 _users = User.__table__
-_USER_BY_ID = select(_users.c.status, _users.c.daily_cap, _users.c.weekly_cap).where(
-    _users.c.id == bindparam("id")
-)
+_USER_BY_ID = select(
+    _users.c.status, _users.c.daily_cap, _users.c.weekly_cap, _users.c.token_version
+).where(_users.c.id == bindparam("id"))
 
 
 def check_user(conn: Connection | Session, claims: TokenClaims) -> ActiveUser:
     """The same check as :func:`get_current_user` (one primary-key lookup): 401 when the
-    user no longer exists, 403 when banned."""
+    user no longer exists or the token is older than its ``token_version``, 403 when
+    banned."""
     row = (
         conn.execute(_USER_BY_ID, {"id": claims.user_id}).first() if valid_user_id(claims) else None
     )
@@ -171,12 +175,15 @@ def valid_user_id(claims: TokenClaims) -> bool:
 
 
 def active_user(row: Any, claims: TokenClaims) -> ActiveUser:
-    """401 / 403 from a ``(status, daily_cap, weekly_cap, ...)`` row of the user (None when
-    there is none), as :func:`get_current_user` answers."""
+    """401 / 403 from a ``(status, daily_cap, weekly_cap, ...)`` row of the user with a
+    ``token_version`` column (None when there is none), as :func:`get_current_user`
+    answers."""
     if row is None:
         raise _unauthorized("invalid or expired token")
     if row[0] == UserStatus.banned:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="account is banned")
+    if row.token_version != claims.version:
+        raise _unauthorized("invalid or expired token")
     return ActiveUser(claims.user_id, row[1], row[2])
 
 

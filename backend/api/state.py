@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from backend.db import Database
 from backend.dispatch import Dispatcher
 from backend.observability import Metrics
-from backend.rate_limit import SlidingWindowLimiter
+from backend.rate_limit import Limiter
 from backend.security import PasswordService, TokenService
 from backend.settings import Settings
 from backend.storage import ImageStore
@@ -43,7 +43,8 @@ class AppState:
     tokens: TokenService
     dispatcher: Dispatcher
     metrics: Metrics
-    login_limiter: SlidingWindowLimiter
+    login_limiter: Limiter
+    register_limiter: Limiter
     store: ImageStore
     signer: ImageSigner
     _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = field(

@@ -70,19 +70,33 @@ def update_user(
     changes: dict[str, Any],
 ) -> User:
     """Apply ``changes`` (status, role, daily_cap, weekly_cap, password). An admin cannot ban
-    or demote themself (that could lock every admin out)."""
+    or demote themself (that could lock every admin out). A new password, a new role or a
+    ban ends the user's sessions (:func:`end_sessions`)."""
     user = get_user(session, user_id)
     if user_id == acting_user_id and (
         changes.get("status") == UserStatus.banned or changes.get("role") == UserRole.annotator
     ):
         raise Conflict("you cannot ban or demote yourself")
+    ends_sessions = (
+        changes.get("password") is not None
+        or ("role" in changes and changes["role"] != user.role)
+        or (changes.get("status") == UserStatus.banned and user.status != UserStatus.banned)
+    )
     for key in ("status", "role", "daily_cap", "weekly_cap"):
         if key in changes:
             setattr(user, key, changes[key])
     if changes.get("password") is not None:
         user.password_hash = passwords.hash(changes["password"])
+    if ends_sessions:
+        end_sessions(user)
     session.flush()
     return user
+
+
+def end_sessions(user: User) -> None:
+    """Invalidate every token issued to ``user`` so far (logout, password or role change,
+    ban): tokens carry the ``token_version`` they were issued at."""
+    user.token_version = (user.token_version or 0) + 1
 
 
 def ensure_admin(session: Session, settings: Settings, passwords: PasswordService) -> str | None:
@@ -106,10 +120,13 @@ def ensure_admin(session: Session, settings: Settings, passwords: PasswordServic
         )
         session.flush()
         return generated
+    if user.role != UserRole.admin:
+        end_sessions(user)
     user.role = UserRole.admin
     user.status = UserStatus.active
     if configured is not None and not passwords.verify(user.password_hash, configured):
         user.password_hash = passwords.hash(configured)
+        end_sessions(user)
     session.flush()
     return None
 

@@ -308,6 +308,7 @@ def env(_session_env: Env) -> Env:
     truncate_all(state.db)
     bootstrap(state)
     state.login_limiter.reset()
+    state.register_limiter.reset()
     _session_env.dispatcher.dispatched.clear()
     _session_env.dispatcher.cancelled.clear()
     _session_env.dispatcher.committed_at_dispatch.clear()

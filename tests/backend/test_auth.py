@@ -99,7 +99,12 @@ def test_banned_user_is_rejected_everywhere_and_at_login(env, client):
         assert r.status_code == 403 and r.json() == {"detail": "account is banned"}
     assert env.login("ann", "password-123").status_code == 403
     client.patch(f"/api/v1/users/{uid}", json={"status": "active"}, headers=env.admin_headers())
-    assert client.get("/api/v1/stats", headers=headers).status_code == 200
+    # the ban ended the old session for good; unbanned, the user logs in again
+    assert client.get("/api/v1/stats", headers=headers).status_code == 401
+    r = env.login("ann", "password-123")
+    assert r.status_code == 200
+    fresh = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    assert client.get("/api/v1/stats", headers=fresh).status_code == 200
 
 
 def test_admin_cannot_ban_themself(env, client):

@@ -36,6 +36,7 @@ _USER_AND_CAPS = (
         _caps.c.today,
         _caps.c.this_week,
         _caps.c.oldest,
+        _users.c.token_version,
     )
     .select_from(_users)
     .join(_caps, true())
