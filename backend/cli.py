@@ -1,4 +1,6 @@
-"""``prefloop`` command line: ``serve``, ``migrate``, ``create-user``.
+"""``prefloop`` command line: ``serve``, ``migrate``, ``create-user`` (server side), and the
+operator commands on the v1 HTTP client (``login``, ``rounds``, ``versions``, ``users``,
+``prompts``, ``export``, ``import``: :mod:`prefloop_client.cli`).
 
 ``prefloop serve`` in local mode (SQLite) upgrades the database first, so one command starts
 everything; with PostgreSQL run ``prefloop migrate`` as a deploy step. The admin account and
@@ -133,7 +135,11 @@ def cmd_create_user(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prefloop", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="prefloop",
+        description="Prefloop: run the server (serve, migrate, create-user) and operate it "
+        "over its v1 HTTP API (login, rounds, versions, users, prompts, export, import).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the API (and the UI when installed)")
     p.add_argument("--workers", type=int, default=1)
@@ -146,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--password", help="read from a prompt when omitted")
     p.add_argument("--role", choices=["annotator", "admin"], default="annotator")
     p.set_defaults(func=cmd_create_user)
+    from prefloop_client.cli import add_commands
+
+    add_commands(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -538,12 +538,11 @@ class PrefloopClient:
             self._json(self._request("GET", f"{API_PREFIX}/prompts", token=token, params=params))
         )
 
-    def list_users(self, token: str, *, limit: int = 100) -> list[dict[str, Any]]:
-        """Annotators with their volume and reliability (admin)."""
+    def list_users(self, token: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Annotators with their volume and reliability (admin); ``limit`` is at most 500."""
+        params = {"limit": limit, "offset": offset}
         return _as_list(
-            self._json(
-                self._request("GET", f"{API_PREFIX}/users", token=token, params={"limit": limit})
-            )
+            self._json(self._request("GET", f"{API_PREFIX}/users", token=token, params=params))
         )
 
     def create_user(
