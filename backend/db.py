@@ -7,7 +7,9 @@ so a request that reads and then writes takes the write lock up front and waits 
 in between. Read sessions use a plain deferred ``BEGIN``.
 
 PostgreSQL: psycopg 3 with a pool sized by ``PREFLOOP_DB_POOL_SIZE`` / ``DB_MAX_OVERFLOW``
-(the API's thread pool has 40 workers; the defaults give each one a connection).
+(the API's thread pool has 40 workers; the defaults give each one a connection), pinged at
+checkout (``pool_pre_ping``), so once the server is back after a restart no request fails;
+while it is down, requests get 503 with ``Retry-After`` (:mod:`backend.api.errors`).
 
 The caller owns the transaction: services flush, handlers commit.
 
@@ -64,6 +66,10 @@ def make_engine(url: str, *, pool_size: int = 20, max_overflow: int = 20, **kw: 
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_recycle=1800,
+        # A pooled connection is tested at checkout (one round trip, only when the pool
+        # hands it out): after a PostgreSQL restart every stale connection is replaced
+        # instead of failing the request that drew it.
+        pool_pre_ping=True,
         **kw,
     )
 

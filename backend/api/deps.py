@@ -29,6 +29,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy import Connection, bindparam, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -76,10 +77,20 @@ async def get_session(request: Request, state: StateDep) -> AsyncIterator[Sessio
         yield session
     finally:
         try:
-            await run_in_threadpool(session.close)
+            await run_in_threadpool(_close_session, session)
         finally:
             if gate is not None:
                 gate.release()
+
+
+def _close_session(session: Session) -> None:
+    """Close ``session`` (its connection goes back to the pool). When the connection died
+    with the server (PostgreSQL restarted), its rollback fails: invalidate it instead; the
+    response is already decided, and the pool replaces the connection."""
+    try:
+        session.close()
+    except DBAPIError:
+        session.invalidate()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
