@@ -19,6 +19,8 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from backend.api.errors import install_error_handlers
+from backend.api.fallback import install_api_fallback
+from backend.api.openapi import install_openapi
 from backend.api.health import router as health_router
 from backend.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from backend.api.routes import api_router
@@ -124,6 +126,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     install_error_handlers(app)
     app.include_router(api_router)
     app.include_router(health_router)
+    install_api_fallback(app)  # after every API route, before any mount (the UI's)
+    install_openapi(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app

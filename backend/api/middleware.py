@@ -25,7 +25,8 @@ Scope = dict[str, Any]
 def route_template(scope: Scope) -> str:
     """The matched route as a template (``/api/v1/rounds/{round_id}``): the path with each
     path-parameter segment put back as ``{name}``; ``unmatched`` for 404s."""
-    if scope.get("endpoint") is None:
+    endpoint = scope.get("endpoint")
+    if endpoint is None or getattr(endpoint, "_prefloop_unmatched", False):  # api/fallback.py
         return "unmatched"
     params = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
     if not params:

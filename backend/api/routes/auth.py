@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Request, Response, status
 
 from backend.api.deps import AdminUser, CurrentUser, SessionDep, StateDep, reads_only
+from backend.api.openapi import READS_ONLY
 from backend.models import UserStatus
 from backend.rate_limit import Limiter
 from backend.schemas import InvitePublic, LoginForm, Token, UserPublic, UserRegister
@@ -31,7 +32,16 @@ def _limit(limiter: Limiter, key: str, what: str) -> None:
         )
 
 
-@router.post("/token", response_model=Token)
+@router.post(
+    "/token",
+    response_model=Token,
+    openapi_extra={READS_ONLY: True},
+    responses={
+        401: {"description": "Incorrect username or password."},
+        403: {"description": "The account is banned."},
+        429: {"description": "Too many attempts for this username and address."},
+    },
+)
 @reads_only
 def login(
     request: Request,
@@ -70,7 +80,16 @@ def logout(user: CurrentUser, session: SessionDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/register", response_model=UserPublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/register",
+    response_model=UserPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        403: {"description": "Sign-up is closed, or the invite code is missing or spent."},
+        409: {"description": "The username is taken."},
+        429: {"description": "Too many registrations from this address."},
+    },
+)
 def register(
     request: Request, body: UserRegister, session: SessionDep, state: StateDep
 ) -> UserPublic:

@@ -109,6 +109,7 @@ async def _parse_request(request: Request) -> list[PromptIn]:
     openapi_extra={"requestBody": _REQUEST_BODY},
     responses={
         413: {"description": "Upload too large."},
+        415: {"description": "Neither JSON nor multipart/form-data."},
         422: {"description": "Invalid list or file (the detail names the line)."},
     },
 )
