@@ -118,8 +118,9 @@ def build_ui(
     """
     client = PrefloopClient(api_base_url, timeout_s=request_timeout_s)
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    desk = AnnotationDesk(client, ImageStore(root / "images"))
-    admin_actions = AdminActions(client, root / "exports")
+    images = ImageStore(root / "images")
+    desk = AnnotationDesk(client, images)
+    admin_actions = AdminActions(client, root / "exports", images)
 
     with gr.Blocks(
         title="Prefloop",

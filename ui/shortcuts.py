@@ -63,6 +63,7 @@ PAGE_CSS = """
 #prefloop-prompt p { font-size: 1.25rem; }
 .prefloop-side img { width: 100% !important; height: 100% !important;
   object-fit: contain !important; image-rendering: pixelated; }
+.prefloop-pixelated img { image-rendering: pixelated; }
 #prefloop-notice p { margin: 0.25rem 0; }
 .prefloop-preload { position: fixed !important; left: 0 !important; top: 0 !important;
   width: 2px !important; height: 2px !important; min-width: 0 !important;

@@ -291,32 +291,136 @@ def test_table_cells_format_datetimes_and_can_keep_only_known_columns() -> None:
     assert table == {"headers": ["id", "created_at"], "data": [[1, "2026-11-26 10:48:18"]]}
 
 
-def test_admin_round_config_is_checked_before_any_request(tmp_path: Path) -> None:
+def _admin(tmp_path: Path, handler: Any) -> Any:
     from ui.admin import AdminActions
 
-    calls: list[str] = []
+    client = PrefloopClient("http://api.test", transport=httpx.MockTransport(handler))
+    return AdminActions(client, tmp_path / "exports", ImageStore(tmp_path / "images"))
+
+
+DEFAULTS = {"scheme": "dde", "beta": 2000.0, "steps": 200, "drift_budget": 0.15, "seed": 0}
+
+
+def test_the_round_form_sends_only_what_differs_from_the_defaults() -> None:
+    from ui.admin import FormError, form_overrides
+
+    fields = {"scheme": "dde", "beta": 2000.0, "steps": 50.0}
+    advanced = [["drift_budget", "null", "about"], ["seed", "", "about"]]
+    # steps 50.0 from the number box becomes the integer 50; the empty seed keeps its default
+    assert form_overrides(DEFAULTS, fields, advanced) == {"steps": 50, "drift_budget": None}
+    assert form_overrides(DEFAULTS, {"beta": None, "scheme": "uniform"}, []) == {
+        "scheme": "uniform"
+    }
+    assert form_overrides(DEFAULTS, {}, [["seed", "7", ""], ["drift_budget", "0.15", ""]]) == {
+        "seed": 7
+    }
+    with pytest.raises(FormError) as exc:
+        form_overrides(DEFAULTS, {}, [["sede", "7", ""]])
+    assert exc.value.fields == {"sede": "not a round setting"}
+
+
+def test_the_apis_422_is_split_by_field() -> None:
+    from ui.admin import field_errors
+
+    detail = (
+        "config.beta: Input should be greater than 0; config.steps: Input should be a valid "
+        "integer; something else"
+    )
+    assert field_errors(detail) == {
+        "beta": "Input should be greater than 0",
+        "steps": "Input should be a valid integer",
+        "": "something else",
+    }
+
+
+def test_start_round_posts_the_overrides_and_maps_a_422_to_the_fields(tmp_path: Path) -> None:
+    from ui.admin import FormError, RoundForm
+
+    calls: list[Any] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request.content.decode())
+        body = json.loads(request.content)
+        calls.append(body)
+        if body["config"].get("beta") == -1:
+            detail = [{"loc": ["body", "config", "beta"], "msg": "Input should be greater than 0"}]
+            return httpx.Response(422, json={"detail": detail})
         return httpx.Response(202, json={"round_id": 5, "status": "queued"})
 
-    actions = AdminActions(
-        PrefloopClient("http://api.test", transport=httpx.MockTransport(handler)), tmp_path
-    )
-    with pytest.raises(ValueError, match="not valid JSON"):
-        actions.start_round("t", "{steps: 3}")
-    with pytest.raises(ValueError, match="JSON object"):
-        actions.start_round("t", "[1, 2]")
-    assert calls == []
-    assert actions.start_round("t", '{"steps": 3}') == "Round 5 queued."
-    assert json.loads(calls[0]) == {"config": {"steps": 3}}
-    with pytest.raises(ValueError, match="round id"):
+    actions = _admin(tmp_path, handler)
+    form = RoundForm("builtin:shapes", DEFAULTS, {"scheme": ["dde", "uniform"]}, {})
+    assert actions.start_round("t", form, {"steps": 7}, []) == "Round 5 queued (steps 7)."
+    assert calls == [{"config": {"steps": 7}}]
+    with pytest.raises(FormError) as exc:
+        actions.start_round("t", form, {"beta": -1}, [])
+    assert exc.value.fields == {"beta": "Input should be greater than 0"}
+    with pytest.raises(ValueError, match="has not loaded"):
+        actions.start_round("t", None, {}, [])
+    with pytest.raises(ValueError, match="not a valid round id"):
         actions.cancel_round("t", "../etc")
 
 
-def test_admin_curve_includes_the_heldout_series(tmp_path: Path) -> None:
-    from ui.admin import AdminActions
+def test_admin_tables_and_metrics_are_readable_never_json() -> None:
+    from ui.admin import VERSION_COLUMNS, ab_markdown, metrics_markdown, table
 
+    version = {
+        "id": 3,
+        "name": "round-3",
+        "status": "candidate",
+        "parent_id": 1,
+        "created_by_round": 3,
+        "metrics": {"heldout_best": {"accuracy": 0.61234, "drift": 0.1}, "judge_delta": 0.05},
+        "published_at": None,
+    }
+    shown = table([version], VERSION_COLUMNS)
+    assert shown["headers"][:6] == ["version", "name", "status", "parent", "round", "held-out acc."]
+    assert shown["data"] == [[3, "round-3", "candidate", 1, 3, 0.6123, 0.05, ""]]
+    text = metrics_markdown({"heldout_best": {"accuracy": 0.5}, "interval": [0.1, 0.2]})
+    assert text == "- **heldout best · accuracy:** 0\\.5\n- **interval:** 0\\.1, 0\\.2"
+    assert "{" not in text and "[" not in text
+    gate = {
+        "parent_id": 1,
+        "state": "open",
+        "battles": 10,
+        "wins": 6,
+        "losses": 3,
+        "ties": 1,
+        "win_rate": 0.65,
+        "interval": [0.35, 0.86],
+        "reason": None,
+    }
+    assert ab_markdown({"gate": gate, "live": None}) == (
+        "- **Blind A/B before serving** (vs version 1): open — 10 votes: 6 wins, 3 losses, "
+        "1 ties; win rate 0.65 [0.35, 0.86]"
+    )
+    assert ab_markdown({"gate": None, "live": None}) == "_No A/B test for this version._"
+
+
+def test_the_dataset_overview_gives_rates_in_words() -> None:
+    from ui.admin import overview_markdown
+
+    stats = {
+        "totals": {
+            "votes": 200,
+            "votes_today": 20,
+            "voters": 3,
+            "annotators_active_today": 2,
+            "votes_by_choice": {"left": 90, "right": 90, "tie": 10, "skip": 10},
+            "pairs_active": 18,
+            "pairs": {"within_version": 50, "gold": 7},
+            "prompts": 12,
+            "images": 100,
+            "versions": {"published": 1},
+            "rounds": {},
+        }
+    }
+    text = overview_markdown(stats)
+    assert "- **Votes:** 200 (20 today) from 3 annotators; 2 active today" in text
+    assert "ties 5.0%, both bad 0.0%, skips 5.0%" in text  # 10/200, 0/200, 10/200
+    assert "**Pairs ready to judge:** 18 (made so far: 50 within version, 7 gold)" in text
+    assert "**rounds:** none" in text
+
+
+def test_admin_curve_includes_the_heldout_series(tmp_path: Path) -> None:
     rows = [
         {"step": 1, "loss": 0.69, "implicit_acc": 0.5, "reward_margin": 0.0, "extra": {}},
         {
@@ -331,10 +435,7 @@ def test_admin_curve_includes_the_heldout_series(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"data": rows})
 
-    actions = AdminActions(
-        PrefloopClient("http://api.test", transport=httpx.MockTransport(handler)), tmp_path
-    )
-    df = actions.curve("t", "3")
+    df = _admin(tmp_path, handler).curve("t", "3")
     got = {(r.series, r.step): r.value for r in df.itertuples()}
     assert got[("heldout_acc", 2)] == 0.58 and got[("drift", 2)] == 0.03
     assert got[("heldout_loss", 2)] == 0.68 and ("heldout_acc", 1) not in got

@@ -1,10 +1,15 @@
-"""The whole annotator page in a real headless Chromium, against the real backend.
+"""The annotator page and the admin dashboard in a real headless Chromium, against the real
+backend.
 
 One real uvicorn server (in a thread) serves ``backend.main.create_app()`` on a temporary
 SQLite data dir, with the Gradio UI mounted at ``/`` exactly as ``prefloop serve`` mounts it.
-The test seeds a prompt, two PNG images of the base version and a pair through the backend's
-services, signs in as an annotator in the browser, checks both images really rendered,
-votes with the keyboard, and checks the vote through the admin API.
+The fixture seeds a prompt, two PNG images of the base version and a pair, a candidate version
+with a validation grid, and two annotators. The tests: an annotator votes with the keyboard;
+an admin starts a round from the form (and sees a bad value named beside its field), watches
+its progress and curve move, publishes the candidate from its gallery, bans an annotator (whose
+next request is refused) and uploads prompts; both pages at 1280x800 and 390x844. Any
+JavaScript error or console error fails the test; screenshots are kept in the test's tmp dir
+and in ``var/screenshots/``.
 
 Needs Chromium at /usr/bin/chromium (Debian: ``apt-get install -y --no-install-recommends
 chromium chromium-driver``); playwright drives it, it never downloads a browser.
@@ -13,6 +18,7 @@ chromium chromium-driver``); playwright drives it, it never downloads a browser.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import threading
@@ -37,8 +43,12 @@ CHROMIUM_ARGS = [
 ]
 ADMIN_PASSWORD = "ui-admin-password-1"
 ANNOTATOR = ("ann_ui", "annotator-pw-1")
+TO_BAN = ("ann_to_ban", "annotator-pw-2")
+CANDIDATE = "round-ui-candidate"
 PROMPT = "a small red circle on a blue background, top left"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO_ROOT / "var" / "screenshots"
+VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
 
 pytestmark = [
     pytest.mark.browser,
@@ -72,6 +82,7 @@ def _free_port() -> int:
 class LiveServer:
     url: str
     settings: object
+    candidate_id: int = 0
 
     def token(self, username: str, password: str) -> str:
         response = httpx.post(
@@ -90,7 +101,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     from backend.dispatch import NullDispatcher
     from backend.main import create_app
     from backend.migrate import upgrade
-    from backend.models import PairKind
+    from backend.models import ModelVersion, PairKind, VersionStatus
     from backend.services import images as image_service
     from backend.services import pairs as pair_service
     from backend.services import prompts as prompt_service
@@ -154,16 +165,46 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
             image_a_id=images[0].id,
             image_b_id=images[1].id,
         )
+        # A candidate with its validation grid, where a round writes them (docs/publishing.md).
+        adapter = f"versions/{CANDIDATE}/adapter.safetensors"
+        candidate = ModelVersion(
+            name=CANDIDATE,
+            base_model=settings.base_model,
+            status=VersionStatus.candidate,
+            parent_id=version.id,
+            adapter_path=adapter,
+            metrics={"heldout_best": {"accuracy": 0.625, "drift": 0.05}, "judge_delta": 0.04},
+        )
+        session.add(candidate)
+        session.flush()
+        candidate_id = candidate.id
     db.dispose()
+    samples = settings.models_dir / "versions" / CANDIDATE / "samples"
+    samples.mkdir(parents=True)
+    (samples.parent / "adapter.safetensors").write_bytes(b"adapter")
+    for name, xy in (("parent-00.png", (16, 16)), ("candidate-00.png", (40, 40))):
+        (samples / name).write_bytes(_shape_png(xy, 12))
+    manifest = {
+        "files": [
+            {
+                "prompt": PROMPT,
+                "seed": 7,
+                "parent": "parent-00.png",
+                "candidate": "candidate-00.png",
+            }
+        ]
+    }
+    (samples / "samples.json").write_text(json.dumps(manifest))
 
-    live = LiveServer(url=url, settings=settings)
+    live = LiveServer(url=url, settings=settings, candidate_id=candidate_id)
     admin_token = live.token(settings.admin_username, ADMIN_PASSWORD)
-    created = httpx.post(
-        f"{url}/api/v1/users",
-        json={"username": ANNOTATOR[0], "password": ANNOTATOR[1]},
-        headers={"Authorization": f"Bearer {admin_token}"},
-    )
-    assert created.status_code == 201, created.text
+    for username, password in (ANNOTATOR, TO_BAN):
+        created = httpx.post(
+            f"{url}/api/v1/users",
+            json={"username": username, "password": password},
+            headers={"Authorization": f"Bearer {admin_token}"},
+        )
+        assert created.status_code == 201, created.text
     try:
         yield live
     finally:
@@ -174,22 +215,44 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 
 @pytest.fixture
 def page(tmp_path: Path) -> Iterator[object]:
+    """A page of a fresh headless Chromium at 1280x800; the test fails on any JavaScript
+    error or console error the page logs."""
     from playwright.sync_api import sync_playwright
 
+    errors: list[str] = []
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             user_data_dir=str(tmp_path / "chromium-profile"),
             executable_path=CHROMIUM,
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 900},
+            viewport={"width": 1280, "height": 800},
         )
         try:
             page = context.pages[0] if context.pages else context.new_page()
+            page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+            page.on(
+                "console",
+                lambda msg: (
+                    errors.append(f"console {msg.type}: {msg.text}")
+                    if msg.type == "error"
+                    else None
+                ),
+            )
             page.set_default_timeout(15000)
             yield page
         finally:
             context.close()
+    assert errors == [], "JavaScript errors on the page"
+
+
+def _screenshot(page, tmp_path: Path, name: str) -> Path:  # type: ignore[no-untyped-def]
+    """Save the page in the test's tmp dir and in var/screenshots/ (test artifacts)."""
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    (SCREENSHOTS / path.name).write_bytes(path.read_bytes())
+    return path
 
 
 def _sign_in(page, url: str, username: str, password: str) -> None:  # type: ignore[no-untyped-def]
@@ -267,41 +330,173 @@ def test_annotator_votes_with_the_keyboard(live_server: LiveServer, page, tmp_pa
     assert latency_ms is not None and 250 <= latency_ms < 15000
 
 
-def test_admin_dashboard_starts_a_round_and_uploads_prompts(
+def _text_includes(page, selector: str, text: str, timeout: float = 15000) -> None:  # type: ignore[no-untyped-def]
+    page.wait_for_function(
+        "([s, t]) => { const e = document.querySelector(s); return !!e && e.innerText.includes(t); }",
+        arg=[selector, text],
+        timeout=timeout,
+    )
+
+
+def _open_admin(page, live_server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    _sign_in(page, live_server.url, live_server.settings.admin_username, ADMIN_PASSWORD)  # type: ignore[attr-defined]
+    _text_includes(page, "#prefloop-progress", "Signed in as")
+    page.get_by_role("tab", name="Admin").click()
+    _text_includes(page, "#prefloop-admin-stats", "Pairs ready to judge")
+    _text_includes(page, "#prefloop-round-form-info", "Defaults for")
+
+
+def _choose(page, dropdown: str, option: str) -> None:  # type: ignore[no-untyped-def]
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=option).first.click()
+
+
+def _api(live_server: LiveServer, method: str, path: str, **kw: object) -> httpx.Response:
+    settings = live_server.settings
+    token = live_server.token(settings.admin_username, ADMIN_PASSWORD)  # type: ignore[attr-defined]
+    return httpx.request(
+        method,
+        f"{live_server.url}/api/v1{path}",
+        headers={"Authorization": f"Bearer {token}"},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_admin_starts_a_round_from_the_form_and_watches_it_move(
     live_server: LiveServer, page, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    settings = live_server.settings
-    _sign_in(page, live_server.url, settings.admin_username, ADMIN_PASSWORD)  # type: ignore[attr-defined]
-    page.wait_for_function(
-        "() => document.querySelector('#prefloop-progress').innerText.includes('Signed in as')"
-    )
-    page.get_by_role("tab", name="Admin").click()
-    page.wait_for_function(
-        "() => document.querySelector('#prefloop-admin-stats').innerText.includes('pairs_active')"
-    )
-    assert "builtin:shapes" in page.locator("#prefloop-admin-versions").inner_text()
+    _open_admin(page, live_server)
+    # The form holds the built-in family's defaults; nothing on the tab is raw JSON.
+    assert page.locator("#prefloop-field-steps input").input_value() == "200"
+    assert page.locator("#prefloop-field-scheme input").input_value() == "dde"
+    admin_text = page.locator("#prefloop-app").inner_text()
+    assert '{"' not in admin_text and '":' not in admin_text
 
-    page.locator("#prefloop-round-config textarea").fill('{"steps": 7}')
+    page.locator("#prefloop-field-beta input").fill("-1")
     page.locator("#prefloop-start-round").click()
+    _text_includes(page, "#prefloop-round-errors", "β (KL strength)")
+    assert "greater than 0" in page.locator("#prefloop-field-beta").inner_text()  # beside it
+    assert _api(live_server, "GET", "/rounds").json()["count"] == 0
+
+    page.locator("#prefloop-field-beta input").fill("2000")
+    page.locator("#prefloop-field-steps input").fill("7")
+    _choose(page, "#prefloop-field-scheme", "uniform")
+    page.locator("#prefloop-start-round").click()
+    _text_includes(page, "#prefloop-admin-status", "queued")
+    assert page.locator("#prefloop-round-errors").inner_text().strip() == ""
+    rounds = _api(live_server, "GET", "/rounds").json()["data"]
+    assert [(r["status"], r["config"]["steps"], r["config"]["scheme"]) for r in rounds] == [
+        ("queued", 7, "uniform")
+    ]
+    round_id = rounds[0]["id"]
+    _choose(page, "#prefloop-round-pick", f"round {round_id} · queued")
+    _text_includes(page, "#prefloop-round-progress", "step 0 of 7")
+
+    # A worker's progress, written as the trainer writes it: the page follows by itself.
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(live_server.settings.db_url)  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE training_rounds SET status='running', step=3, total_steps=7 WHERE id=:r"),
+            {"r": round_id},
+        )
+        for step, loss in ((1, 0.69), (2, 0.65), (3, 0.6)):
+            conn.execute(
+                text(
+                    "INSERT INTO round_metrics (round_id, step, loss, implicit_acc, "
+                    "reward_margin, extra, created_at) VALUES (:r, :s, :l, 0.5, 0.1, '{}', "
+                    "CURRENT_TIMESTAMP)"
+                ),
+                {"r": round_id, "s": step, "l": loss},
+            )
+    engine.dispose()
+    _text_includes(page, "#prefloop-round-progress", "step 3 of 7 (43%)", timeout=20000)
     page.wait_for_function(
-        "() => document.querySelector('#prefloop-admin-status').innerText.includes('queued')"
+        "() => document.querySelectorAll('#prefloop-round-curve canvas, #prefloop-round-curve svg').length > 0"
     )
+    _screenshot(page, tmp_path, "admin-round-desktop")
+
+    page.get_by_role("button", name="Cancel round…").click()
+    page.locator("#prefloop-confirm-cancel").click()
+    _text_includes(page, "#prefloop-admin-status", f"Round {round_id}: cancelled")
+    assert _api(live_server, "GET", f"/rounds/{round_id}").json()["status"] == "cancelled"
+
+
+def test_admin_publishes_a_candidate_from_its_gallery(
+    live_server: LiveServer, page, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    _open_admin(page, live_server)
+    vid = live_server.candidate_id
+    _choose(page, "#prefloop-version-pick", f"version {vid} · {CANDIDATE} · candidate")
+    _text_includes(page, "#prefloop-version-details", "heldout best · accuracy")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#prefloop-version-gallery img')]"
+        ".filter(i => i.complete && i.naturalWidth === 64).length >= 2"
+    )
+    details = page.locator("#prefloop-version-details").inner_text()
+    assert "0.625" in details and "No A/B test" in details
+    _screenshot(page, tmp_path, "admin-gallery-desktop")
+    page.locator("#prefloop-publish").click()
+    _text_includes(page, "#prefloop-admin-status", f"Version {vid}")
+    assert _api(live_server, "GET", f"/versions/{vid}").json()["status"] == "published"
+    _text_includes(page, "#prefloop-version-details", "published")
+    # the base serves again (and the candidate stays a candidate-less parent for later tests)
+    rolled = _api(live_server, "POST", f"/versions/{vid}/rollback")
+    assert rolled.status_code == 200, rolled.text
+
+
+def test_admin_bans_an_annotator_whose_next_request_is_refused(
+    live_server: LiveServer, page
+) -> None:  # type: ignore[no-untyped-def]
+    token = live_server.token(*TO_BAN)
+    assert httpx.get(
+        f"{live_server.url}/api/v1/users/me", headers={"Authorization": f"Bearer {token}"}
+    ).is_success
+    _open_admin(page, live_server)
+    _choose(page, "#prefloop-user-pick", f"{TO_BAN[0]} · active")
+    page.locator("#prefloop-ban").click()
+    _text_includes(page, "#prefloop-admin-status", f"{TO_BAN[0]} is now banned")
+    refused = httpx.get(
+        f"{live_server.url}/api/v1/pairs/next", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert refused.status_code in (401, 403), refused.text
+    _text_includes(page, "#prefloop-admin-users", "banned")
+    _choose(page, "#prefloop-user-pick", f"{TO_BAN[0]} · banned")
+    page.locator("#prefloop-unban").click()
+    _text_includes(page, "#prefloop-admin-status", f"{TO_BAN[0]} is now active")
+    assert live_server.token(*TO_BAN)  # may sign in again
+
+
+def test_admin_uploads_prompts(live_server: LiveServer, page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _open_admin(page, live_server)
+    before = _api(live_server, "GET", "/prompts").json()["count"]
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a big green square on a white background\na tiny yellow star\n")
     page.locator("#prefloop-prompt-file input[type=file]").set_input_files(str(prompts_file))
     page.locator("#prefloop-upload-prompts").click()
-    page.wait_for_function(
-        "() => document.querySelector('#prefloop-admin-status').innerText.includes('created: 2')"
-    )
-    page.screenshot(path=str(tmp_path / "ui-admin.png"), full_page=True)
+    _text_includes(page, "#prefloop-admin-status", "2 new prompts, 0 already there")
+    _text_includes(page, "#prefloop-admin-prompts", "a tiny yellow star")
+    assert _api(live_server, "GET", "/prompts").json()["count"] == before + 2
 
-    headers = {
-        "Authorization": f"Bearer {live_server.token(settings.admin_username, ADMIN_PASSWORD)}"
-    }  # type: ignore[attr-defined]
-    rounds = httpx.get(f"{live_server.url}/api/v1/rounds", headers=headers).json()["data"]
-    assert [(r["status"], r["config"]["steps"]) for r in rounds] == [("queued", 7)]
-    prompts = httpx.get(f"{live_server.url}/api/v1/prompts", headers=headers).json()
-    assert prompts["count"] == 3
+
+@pytest.mark.parametrize("viewport", sorted(VIEWPORTS))
+def test_both_pages_fit_the_viewport(
+    live_server: LiveServer, page, tmp_path: Path, viewport: str
+) -> None:  # type: ignore[no-untyped-def]
+    width, height = VIEWPORTS[viewport]
+    page.set_viewport_size({"width": width, "height": height})
+    _open_admin(page, live_server)
+    overflow = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    assert page.evaluate(overflow) <= 1, "the admin tab scrolls sideways"
+    _screenshot(page, tmp_path, f"admin-{viewport}")
+    page.get_by_role("tab", name="Annotate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#prefloop-vote-left') && "
+        "document.querySelector('#prefloop-guidelines').offsetParent !== null"
+    )
+    assert page.evaluate(overflow) <= 1, "the annotator page scrolls sideways"
+    _screenshot(page, tmp_path, f"annotate-{viewport}")
 
 
 def test_wrong_password_shows_an_error(live_server: LiveServer, page) -> None:  # type: ignore[no-untyped-def]
