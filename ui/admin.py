@@ -620,7 +620,7 @@ def build_admin_tab(
         rounds_df = gr.Dataframe(
             label="Rounds (newest first)",
             interactive=False,
-            wrap=True,
+            wrap=False,
             elem_id="prefloop-admin-rounds",
         )
         with gr.Row():
@@ -644,7 +644,7 @@ def build_admin_tab(
 
     with gr.Accordion("Model versions", open=True):
         versions_df = gr.Dataframe(
-            label="Versions", interactive=False, wrap=True, elem_id="prefloop-admin-versions"
+            label="Versions", interactive=False, wrap=False, elem_id="prefloop-admin-versions"
         )
         with gr.Row():
             version_pick = gr.Dropdown(label="Version", elem_id="prefloop-version-pick", scale=2)
@@ -668,7 +668,7 @@ def build_admin_tab(
         leaderboard_df = gr.Dataframe(
             label="Bradley-Terry scores with 95% bootstrap intervals",
             interactive=False,
-            wrap=True,
+            wrap=False,
             elem_id="prefloop-admin-leaderboard",
         )
 
@@ -676,7 +676,7 @@ def build_admin_tab(
         users_df = gr.Dataframe(
             label="Volume and reliability (gold accuracy, agreement, flagged by the outlier test)",
             interactive=False,
-            wrap=True,
+            wrap=False,
             elem_id="prefloop-admin-users",
         )
         with gr.Row():

@@ -132,7 +132,9 @@ def build_ui(
         with gr.Row(equal_height=True):
             gr.Markdown("## Prefloop", elem_id="prefloop-title")
             progress_md = gr.Markdown("", elem_id="prefloop-progress")
-            sign_out_btn = gr.Button("Sign out", size="sm", visible=False, scale=0)
+            sign_out_btn = gr.Button(
+                "Sign out", size="sm", visible=False, scale=0, elem_id="prefloop-sign-out"
+            )
 
         with gr.Column(visible=True, elem_id="prefloop-login") as login_col:
             gr.Markdown("Sign in to start judging image pairs.")
@@ -357,6 +359,7 @@ def build_ui(
                 inputs=[session_state, token_box, latency_box],
                 outputs=task_outputs,
                 js=VOTE_CLICK_JS,
+                queue=False,
                 **annotate_events,
             ).then(**prefetch_args)
 

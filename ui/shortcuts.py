@@ -65,6 +65,12 @@ PAGE_CSS = """
   object-fit: contain !important; image-rendering: pixelated; }
 .prefloop-pixelated img { image-rendering: pixelated; }
 #prefloop-notice p { margin: 0.25rem 0; }
+#prefloop-title h2 { white-space: nowrap; }
+#prefloop-sign-out { align-self: center; min-width: max-content; }
+@media (max-width: 640px) {
+  .prefloop-side { height: auto !important; }
+  .prefloop-side img { max-height: 42vh; }
+}
 .prefloop-preload { position: fixed !important; left: 0 !important; top: 0 !important;
   width: 2px !important; height: 2px !important; min-width: 0 !important;
   overflow: hidden !important; opacity: 0 !important; pointer-events: none !important;
