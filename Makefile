@@ -50,13 +50,13 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
 lint: setup
-	$(BIN)/ruff check backend worker ui bench tests
-	$(BIN)/ruff format --check backend worker ui bench tests
+	$(BIN)/ruff check backend worker ui bench tests prefloop_client clients
+	$(BIN)/ruff format --check backend worker ui bench tests prefloop_client clients
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format backend worker ui bench tests
-	$(BIN)/ruff check --fix backend worker ui bench tests
+	$(BIN)/ruff format backend worker ui bench tests prefloop_client clients
+	$(BIN)/ruff check --fix backend worker ui bench tests prefloop_client clients
 
 bench: setup services ## every benchmark, full size
 	$(BIN)/python -m bench.train_step
@@ -65,6 +65,7 @@ bench: setup services ## every benchmark, full size
 	$(BIN)/python -m bench.ab_test
 	$(BIN)/python -m bench.loop
 	$(BIN)/python -m bench.api_load
+	$(BIN)/python -m bench.ui_latency
 
 bench-quick: setup services ## every benchmark with --quick (each under 2 minutes)
 	$(BIN)/python -m bench.train_step --quick
@@ -73,6 +74,7 @@ bench-quick: setup services ## every benchmark with --quick (each under 2 minute
 	$(BIN)/python -m bench.ab_test --quick
 	$(BIN)/python -m bench.loop --quick
 	$(BIN)/python -m bench.api_load --quick
+	$(BIN)/python -m bench.ui_latency --quick
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache
