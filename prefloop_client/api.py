@@ -467,7 +467,7 @@ class PrefloopClient:
         """Publish the serving version's parent again (409 when ``version_id`` is not the
         serving version, or has no parent)."""
         return self._version_action(
-            token, version_id, "rollback", json={"reason": reason} if reason else None
+            token, version_id, "rollback", {"reason": reason} if reason else None
         )
 
     def publish_version(self, token: str, version_id: str | int) -> dict[str, Any]:
@@ -481,17 +481,17 @@ class PrefloopClient:
         token: str,
         version_id: str | int,
         action: str,
-        json: Mapping[str, Any] | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         response = self._request(
             "POST",
             f"{API_PREFIX}/versions/{version_id}/{action}",
             token=token,
-            json=dict(json) if json is not None else None,
+            json=dict(body) if body is not None else None,
             expected=(200, 202),
         )
-        body = self._json(response)
-        return body if isinstance(body, dict) else {}
+        result = self._json(response)
+        return result if isinstance(result, dict) else {}
 
     def _object(self, response: httpx.Response) -> dict[str, Any]:
         body = self._json(response)

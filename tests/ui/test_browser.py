@@ -117,7 +117,11 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     env.setenv("GRADIO_TEMP_DIR", str(data_dir / "gradio"))
     env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     settings = Settings(
-        argon2_time_cost=1, argon2_memory_kib=8192, log_json=False, log_level="WARNING"
+        argon2_time_cost=1,
+        argon2_memory_kib=8192,
+        log_json=False,
+        log_level="WARNING",
+        login_rate_limit_attempts=1000,  # the tests sign in many times a minute
     )
     assert settings.data_dir == data_dir and settings.is_local
     upgrade(settings.db_url)
