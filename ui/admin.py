@@ -340,7 +340,7 @@ class AdminActions:
         rounds = self.client.list_rounds(token, limit=50)
         for r in rounds:
             total = max(1, int(r.get("total_steps") or 1))
-            r["progress_text"] = f"{100 * min(int(r.get('step') or 0), total) // total}%"
+            r["progress_text"] = f"{100 * min(int(r.get('step') or 0), total) / total:.0f}%"
         return rounds
 
     def versions(self, token: str) -> list[dict[str, Any]]:
