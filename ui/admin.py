@@ -323,6 +323,17 @@ def overview_markdown(stats: Mapping[str, Any]) -> str:
     )
 
 
+def votes_per_hour_frame(stats: Mapping[str, Any]) -> pd.DataFrame:
+    """``totals.votes_per_hour`` as (hour, votes) rows for a plot (hours as UTC timestamps)."""
+    rows = (stats.get("totals") or {}).get("votes_per_hour") or []
+    frame = pd.DataFrame(
+        [(r["hour"], int(r["votes"])) for r in rows if "hour" in r and "votes" in r],
+        columns=["hour", "votes"],
+    )
+    frame["hour"] = pd.to_datetime(frame["hour"], utc=True).dt.tz_localize(None)
+    return frame
+
+
 class AdminActions:
     """Admin operations over the API; each returns what a widget shows."""
 
@@ -333,8 +344,10 @@ class AdminActions:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def overview(self, token: str) -> str:
-        return overview_markdown(self.client.stats(token))
+    def overview(self, token: str) -> tuple[str, pd.DataFrame]:
+        """The dataset in words, and the votes of each of the last 24 hours."""
+        stats = self.client.stats(token)
+        return overview_markdown(stats), votes_per_hour_frame(stats)
 
     def rounds(self, token: str) -> list[dict[str, Any]]:
         rounds = self.client.list_rounds(token, limit=50)
@@ -566,6 +579,13 @@ def build_admin_tab(
 
     with gr.Accordion("Dataset", open=True):
         overview_md = gr.Markdown("", elem_id="prefloop-admin-stats")
+        activity_plot = gr.LinePlot(
+            x="hour",
+            y="votes",
+            label="Votes per hour (UTC, last 24 hours)",
+            height=200,
+            elem_id="prefloop-admin-activity",
+        )
         with gr.Row():
             export_format = gr.Radio(
                 choices=[("Pick-a-Pic parquet", "pickapic"), ("JSON lines", "jsonl")],
@@ -710,6 +730,7 @@ def build_admin_tab(
     views = [
         status,
         overview_md,
+        activity_plot,
         rounds_df,
         round_pick,
         versions_df,
@@ -763,7 +784,10 @@ def build_admin_tab(
             ]
             updates[user_pick] = _pick(choices, user_sel)
 
-        load(lambda: updates.__setitem__(overview_md, actions.overview(token)))
+        def fill_overview() -> None:
+            updates[overview_md], updates[activity_plot] = actions.overview(token)
+
+        load(fill_overview)
         load(fill_rounds)
         load(fill_versions)
         load(lambda: updates.__setitem__(leaderboard_df, actions.leaderboard(token)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -29,6 +29,30 @@ def user_stats(session: Session, user_id: int, now: datetime | None = None) -> d
         )
     ).one()
     return {"votes": int(total), "votes_today": int(today)}
+
+
+#: Hours of ``votes_per_hour`` in the admin totals (the dashboard's chart).
+VOTES_PER_HOUR_WINDOW = 24
+
+
+def votes_per_hour(
+    session: Session, hours: int = VOTES_PER_HOUR_WINDOW, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Votes in each of the last ``hours`` clock hours (UTC), oldest first, the current hour
+    last, hours without votes included: ``[{"hour": "2026-12-01T03:00:00+00:00", "votes": 12}]``.
+    Bucketed here rather than in SQL, the same on PostgreSQL and SQLite."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    last = now.replace(minute=0, second=0, microsecond=0)
+    first = last - timedelta(hours=hours - 1)
+    counts = [0] * hours
+    for (created,) in session.execute(select(Vote.created_at).where(Vote.created_at >= first)):
+        created = created if created.tzinfo else created.replace(tzinfo=UTC)
+        index = int((created - first).total_seconds() // 3600)
+        if 0 <= index < hours:
+            counts[index] += 1
+    return [
+        {"hour": (first + timedelta(hours=i)).isoformat(), "votes": n} for i, n in enumerate(counts)
+    ]
 
 
 def global_stats(session: Session, now: datetime | None = None) -> dict[str, Any]:
@@ -68,6 +92,7 @@ def global_stats(session: Session, now: datetime | None = None) -> dict[str, Any
         "votes_by_choice": grouped(Vote.choice),
         "versions": grouped(ModelVersion.status),
         "rounds": grouped(TrainingRound.status),
+        "votes_per_hour": votes_per_hour(session, now=now),
         "admins": int(
             session.scalar(
                 select(func.count()).select_from(User).where(User.role == UserRole.admin)

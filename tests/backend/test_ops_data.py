@@ -149,3 +149,38 @@ def test_broken_import_is_422_and_writes_nothing(env, client):
     )
     assert r.status_code == 422
     assert env.counts() == before
+
+
+def test_admin_totals_count_votes_per_clock_hour(env, client):
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    from backend.services.stats import votes_per_hour
+
+    _, ann = env.user()
+    env.pairs(4)
+    _vote_all(env, ann, lambda body: "left")
+    # 10:59:59, 11:00:00 and 11:30 fall in hours 10 and 11; 07:00 is outside a 3-hour window
+    times = [
+        "2026-03-01 10:59:59",
+        "2026-03-01 11:00:00",
+        "2026-03-01 11:30:00",
+        "2026-03-01 07:00:00",
+    ]
+    with env.state.db.transaction() as s:
+        ids = [row[0] for row in s.execute(text("SELECT id FROM votes ORDER BY id"))]
+        for vote_id, at in zip(ids, times, strict=True):
+            s.execute(
+                text("UPDATE votes SET created_at = :at WHERE id = :id"),
+                {"at": datetime.fromisoformat(at).replace(tzinfo=UTC), "id": vote_id},
+            )
+    now = datetime(2026, 3, 1, 11, 45, tzinfo=UTC)
+    with env.state.db.read_session() as s:
+        assert votes_per_hour(s, 3, now=now) == [
+            {"hour": "2026-03-01T09:00:00+00:00", "votes": 0},
+            {"hour": "2026-03-01T10:00:00+00:00", "votes": 1},
+            {"hour": "2026-03-01T11:00:00+00:00", "votes": 2},
+        ]
+    totals = client.get("/api/v1/stats", headers=env.admin_headers()).json()["totals"]
+    assert len(totals["votes_per_hour"]) == 24  # the last 24 hours, up to now

@@ -440,3 +440,20 @@ def test_admin_curve_includes_the_heldout_series(tmp_path: Path) -> None:
     assert got[("heldout_acc", 2)] == 0.58 and got[("drift", 2)] == 0.03
     assert got[("heldout_loss", 2)] == 0.68 and ("heldout_acc", 1) not in got
     assert got[("loss", 1)] == 0.69 and len(df) == 3 * 2 + 3
+
+
+def test_votes_per_hour_become_a_time_series() -> None:
+    from ui.admin import votes_per_hour_frame
+
+    stats = {
+        "totals": {
+            "votes_per_hour": [
+                {"hour": "2026-03-01T10:00:00+00:00", "votes": 1},
+                {"hour": "2026-03-01T11:00:00+00:00", "votes": 2},
+            ]
+        }
+    }
+    frame = votes_per_hour_frame(stats)
+    assert [str(h) for h in frame["hour"]] == ["2026-03-01 10:00:00", "2026-03-01 11:00:00"]
+    assert frame["votes"].tolist() == [1, 2]
+    assert votes_per_hour_frame({"totals": None}).empty
