@@ -65,6 +65,7 @@ bench: setup services ## every benchmark, full size
 	$(BIN)/python -m bench.ab_test
 	$(BIN)/python -m bench.loop
 	$(BIN)/python -m bench.api_load
+	$(BIN)/python -m bench.api_fuzz
 	$(BIN)/python -m bench.ui_latency
 
 bench-quick: setup services ## every benchmark with --quick (each under 2 minutes)
@@ -74,6 +75,7 @@ bench-quick: setup services ## every benchmark with --quick (each under 2 minute
 	$(BIN)/python -m bench.ab_test --quick
 	$(BIN)/python -m bench.loop --quick
 	$(BIN)/python -m bench.api_load --quick
+	$(BIN)/python -m bench.api_fuzz --quick
 	$(BIN)/python -m bench.ui_latency --quick
 
 clean:

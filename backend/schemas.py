@@ -4,12 +4,36 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from backend.models import Choice, RoundStatus, UserRole, UserStatus, VersionStatus
+from backend.services.common import as_utc
 from backend.text_input import StoredText
+
+#: Every time in a response: UTC with its offset (SQLite hands back naive datetimes, which
+#: would serialise without one and break the documented ``date-time`` format).
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+#: An integer of a request body as JSON Schema means it: ``3`` and ``3.0``, never ``true`` or
+#: ``"3"`` (pydantic's lax mode would take both).
+def JsonInt(*, ge: int, le: int) -> Any:  # noqa: N802 - a type factory, used like a type
+    # Field first: constraints after a BeforeValidator are lost from the JSON Schema.
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
+
+
+Cap = JsonInt(ge=0, le=10_000_000)
+RowId = JsonInt(ge=1, le=2**31 - 1)
+LatencyMs = JsonInt(ge=0, le=86_400_000)
 
 # Every text field of a request is a StoredText (backend/text_input.py): a NUL character, a
 # lone surrogate or an overlong value is a 422 naming the field.
@@ -61,23 +85,23 @@ class UserCreate(BaseModel):
     username: Username
     password: Password
     role: UserRole = UserRole.annotator
-    daily_cap: int | None = Field(None, ge=0, le=10_000_000)
-    weekly_cap: int | None = Field(None, ge=0, le=10_000_000)
+    daily_cap: Cap | None = None
+    weekly_cap: Cap | None = None
 
 
 class UserUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: UserStatus | None = None
     role: UserRole | None = None
-    daily_cap: int | None = Field(None, ge=0, le=10_000_000)
-    weekly_cap: int | None = Field(None, ge=0, le=10_000_000)
+    daily_cap: Cap | None = None
+    weekly_cap: Cap | None = None
     password: Password | None = None
 
 
 class InvitePublic(BaseModel):
     id: int
     code: str = Field(description="The single-use sign-up code; shown only now.")
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class UserPublic(BaseModel):
@@ -88,7 +112,7 @@ class UserPublic(BaseModel):
     status: UserStatus
     daily_cap: int | None
     weekly_cap: int | None
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class UserWithStats(UserPublic):
@@ -127,12 +151,12 @@ class PairPublic(BaseModel):
 
 class VoteCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pair_id: int = Field(ge=1, le=2**31 - 1)
+    pair_id: RowId
     choice: Choice
     client_vote_id: str | None = Field(
         None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$"
     )
-    latency_ms: int | None = Field(None, ge=0, le=86_400_000)
+    latency_ms: LatencyMs | None = None
 
 
 class VotePublic(BaseModel):
@@ -157,7 +181,7 @@ class PromptPublic(BaseModel):
     text: str
     source: str | None
     active: bool
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class PromptsPublic(BaseModel):
@@ -183,8 +207,8 @@ class VersionPublic(BaseModel):
     metrics: dict[str, Any]
     adapter_sha256: str | None
     created_by_round: int | None
-    created_at: datetime
-    published_at: datetime | None
+    created_at: UtcDatetime
+    published_at: UtcDatetime | None
 
 
 class VersionsPublic(BaseModel):
@@ -235,8 +259,8 @@ class ABTestPublic(BaseModel):
     reason: str
     action: str | None = Field(description="published, retired, rolled_back, none; null if open.")
     settings: dict[str, Any]
-    opened_at: datetime
-    decided_at: datetime | None
+    opened_at: UtcDatetime
+    decided_at: UtcDatetime | None
     votes_after_decision: int = Field(
         description="Votes that arrived after the decision (pairs served before it): not counted."
     )
@@ -282,7 +306,7 @@ class VersionSamplesPublic(BaseModel):
     parent_id: int | None
     prompts: list[VersionSamplePublic]
     grid_url: str | None
-    created_at: datetime | None = None
+    created_at: UtcDatetime | None = None
 
 
 # Rounds -------------------------------------------------------------------------------------
@@ -293,9 +317,7 @@ class RoundCreate(BaseModel):
     config: dict[str, Any] | None = Field(
         None, description="Overrides of the defaults; see GET /api/v1/rounds/config-schema."
     )
-    parent_version_id: int | None = Field(
-        None, ge=1, le=2**31 - 1, description="Defaults to the serving version."
-    )
+    parent_version_id: RowId | None = Field(None, description="Defaults to the serving version.")
 
 
 class RoundAccepted(BaseModel):
@@ -319,9 +341,9 @@ class RoundPublic(BaseModel):
     error: str | None
     attempts: int
     created_by: int | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class RoundsPublic(BaseModel):

@@ -7,7 +7,8 @@ follows from what FastAPI already put in the document, so a new route is declare
 without a list to keep in sync:
 
 - a bearer token (a ``security`` requirement): 401, and 403 (banned account, admin role);
-- a path parameter: 404 (the resource is unknown);
+- a path parameter, or a parameter or body field naming another resource (``..._id``): 404
+  (the resource is unknown);
 - any parameter or request body: 422; a request body that cannot be parsed at all: 400;
 - a request body (POST, PUT, PATCH, DELETE): 413 above ``PREFLOOP_MAX_UPLOAD_BYTES``, and
   409 (a conflict of state, or a concurrent request that won a unique constraint) unless
@@ -62,13 +63,28 @@ DESCRIPTIONS = {
 }
 
 
-def operation_error_statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
+def _body_fields(op: dict[str, Any], schemas: dict[str, Any]) -> set[str]:
+    schema = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+    schema = schema.get("schema", {})
+    out: set[str] = set()
+    for option in schema.get("anyOf", [schema]):  # an optional body: anyOf [model, null]
+        ref = option.get("$ref", "")
+        if ref.startswith("#/components/schemas/"):
+            option = schemas.get(ref.rsplit("/", 1)[1], {})
+        out |= set(option.get("properties", {}))
+    return out
+
+
+def operation_error_statuses(
+    path: str, method: str, op: dict[str, Any], schemas: dict[str, Any] | None = None
+) -> set[int]:
     """The error statuses of one operation of the document (see the module doc)."""
     codes = {int(c) for c in op.get("responses", {}) if c.isdigit() and int(c) >= 400}
     params = op.get("parameters", [])
     if op.get("security"):
         codes |= {401, 403}
-    if any(p.get("in") == "path" for p in params):
+    names = {p.get("name", "") for p in params} | _body_fields(op, schemas or {})
+    if any(p.get("in") == "path" for p in params) or any(n.endswith("_id") for n in names):
         codes.add(404)
     if params or "requestBody" in op:
         codes.add(422)
@@ -116,7 +132,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     for path, ops in spec.get("paths", {}).items():
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
-            for code in sorted(operation_error_statuses(path, method, op)):
+            for code in sorted(operation_error_statuses(path, method, op, schemas)):
                 entry = responses.setdefault(str(code), {})
                 entry.setdefault("description", DESCRIPTIONS.get(code, "Error."))
                 if _replaceable(entry.get("content")):

@@ -11,6 +11,9 @@ databases; ``bench/schemathesis_run.py`` runs the same with thousands of request
 
 from __future__ import annotations
 
+import collections
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -19,12 +22,23 @@ from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.core.failures import FailureGroup
 from schemathesis.python import asgi
+from sqlalchemy import select
 
-from backend.models import PairKind, UserRole
+from backend.models import PairKind, User, UserRole
 
 MAX_EXAMPLES = 6
 load_all_checks()
 ALL_CHECKS = CHECKS.get_all()
+
+
+#: Uploads whose content the document cannot describe: a schema-valid multipart body is any
+#: bytes, but only a .txt/.csv/.jsonl prompt file or a Pick-a-Pic parquet file is accepted
+#: (422 naming what is wrong). Only "valid data rejected" (ST202) is excused, only for these.
+UNEXPRESSIBLE = {("POST", "/api/v1/prompts"), ("POST", "/api/v1/import")}
+
+
+def _unexpressible(case: schemathesis.Case, failure: str) -> bool:
+    return failure.startswith("- ST202") and (case.method, case.path) in UNEXPRESSIBLE
 
 
 @pytest.mark.slow
@@ -34,9 +48,19 @@ def test_fuzz_every_operation_no_5xx_and_no_write_on_4xx(env, role):
     env.pairs(3)
     env.pairs(1, PairKind.gold)
     if role == "admin":
-        headers = env.admin_headers()
+        with env.state.db.read_session() as s:
+            uid = s.scalar(select(User.id).where(User.username == "admin"))
     else:
-        _, headers = env.user("fuzzer", UserRole.annotator)
+        uid, _ = env.user("fuzzer", UserRole.annotator)
+    statuses: collections.Counter[int] = collections.Counter()
+
+    def auth() -> dict[str, str]:
+        """A token at the user's current token_version: a fuzzed logout or password change
+        ends the previous one, and the rest of the run must not be all 401s."""
+        with env.state.db.read_session() as s:
+            user = s.get(User, uid)
+            token = env.state.tokens.issue(uid, user.role.value, user.token_version)
+        return {"Authorization": f"Bearer {token}"}
     schema = schemathesis.openapi.from_dict(app.openapi())
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 20
@@ -53,15 +77,20 @@ def test_fuzz_every_operation_no_5xx_and_no_write_on_4xx(env, role):
             suppress_health_check=list(HealthCheck),
         )
         def run(case: schemathesis.Case) -> None:
+            headers = auth()
             before = env.counts()
             response = case.call(session=http, headers=headers)
             code = response.status_code
+            statuses[code] += 1
             where = f"{case.method} {case.formatted_path} [{mode.value}] -> {code}"
             try:
                 case.validate_response(response, checks=ALL_CHECKS, headers=headers)
             except (AssertionError, FailureGroup) as exc:
                 found = [ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith("- ")]
-                failures.append(f"{where}: {'; '.join(found) or str(exc)[:300]}")
+                if not all(_unexpressible(case, f) for f in found):
+                    failures.append(f"{where}: {'; '.join(found) or str(exc)[:300]}")
+                if os.environ.get("FUZZ_DEBUG"):
+                    print(where, str(exc)[:1500])
             if 400 <= code < 500:
                 after = env.counts()
                 if after != before:
@@ -79,3 +108,6 @@ def test_fuzz_every_operation_no_5xx_and_no_write_on_4xx(env, role):
                     # No invalid request exists for an operation without inputs.
                     assert mode == GenerationMode.NEGATIVE, operation.label
     assert not failures, "\n".join(failures[:20])
+    # the run reached the handlers, not only the token check
+    assert statuses[401] < sum(statuses.values()) / 3, statuses
+    assert sum(n for code, n in statuses.items() if code < 300) >= 10, statuses
