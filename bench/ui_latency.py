@@ -15,8 +15,10 @@ with ``performance.now()``:
     python -m bench.ui_latency            # 100 votes
     python -m bench.ui_latency --quick    # 20 votes, under a minute
 
-It prints p50 / p95 / max of both, the server's own time per vote, and the machine's load (the
-browser, the server and the bench share its cores). The aim (issue 13) is p95 <= 150 ms.
+It prints p50 / p95 / max of both; then, to say what bounds them, the same annotator's
+``GET /pairs/next`` and ``POST /votes`` straight through the typed client (the API without the
+browser and Gradio), the server's CPU time per vote, and the machine's load (the browser, the
+server and the bench share its cores). The aim (issue 13) is p95 <= 150 ms.
 """
 
 from __future__ import annotations
@@ -240,6 +242,29 @@ def measure(url: str, votes: int, think_ms: float, screenshot: Path | None) -> l
     return results
 
 
+API_SAMPLES = 20
+
+
+def api_alone(url: str) -> dict[str, list[float]]:
+    """The same annotator's next-pair and vote calls straight through the typed client on the
+    same server (ms): what the API costs, without the browser and Gradio."""
+    from prefloop_client import Pair
+
+    timings: dict[str, list[float]] = {"next": [], "vote": []}
+    with PrefloopClient(url) as client:
+        token = client.login(*ANNOTATOR)
+        for _ in range(API_SAMPLES):
+            t0 = time.perf_counter()
+            pair = client.next_pair(token)
+            timings["next"].append(1000 * (time.perf_counter() - t0))
+            if not isinstance(pair, Pair):
+                break
+            t0 = time.perf_counter()
+            client.vote(token, pair_id=pair.pair_id, choice="left")
+            timings["vote"].append(1000 * (time.perf_counter() - t0))
+    return timings
+
+
 def _load() -> str:
     try:
         one, five, _ = os.getloadavg()
@@ -296,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    seed(data_dir, votes + 5)
+    seed(data_dir, votes + 5 + API_SAMPLES)
     proc = start_server(data_dir, port)
     try:
         wait_healthy(url, proc)
@@ -304,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = _cpu_seconds(proc.pid)
         results = measure(url, votes, a.think_ms, a.screenshot)
         cpu = _cpu_seconds(proc.pid) - cpu0
+        alone = api_alone(url)
     finally:
         proc.terminate()
         try:
@@ -311,6 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     print(report(results, a.think_ms))
+    print(
+        "the API alone (typed client, same server): "
+        + ", ".join(
+            f"{name} p50 {np.median(ms):.0f} ms p95 {np.percentile(ms, 95):.0f} ms"
+            for name, ms in (("GET /pairs/next", alone["next"]), ("POST /votes", alone["vote"]))
+            if ms
+        )
+    )
     print(
         f"server CPU per vote (the vote, its prefetch, the Gradio events): "
         f"{1000 * cpu / len(results):.0f} ms; load after: {_load()}"
