@@ -12,6 +12,12 @@ with ``performance.now()``:
 - **shown**: from the keydown to both images loaded, ``decode()``-d and the next animation
   frame (what the annotator sees).
 
+The page shows the preloaded next pair on the click, before the server answers
+(``ui.shortcuts.VOTE_CLICK_JS``), so a vote costs the browser's event handling and a decode;
+when the prefetch is not done yet, it waits for the server's answer. Afterwards the bench
+checks every stored vote (the admin's export) against what was on screen at its key press:
+the same prompt, and the image the key pointed at.
+
     python -m bench.ui_latency            # 100 votes
     python -m bench.ui_latency --quick    # 20 votes, under a minute
 
@@ -27,6 +33,7 @@ import argparse
 import io
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -66,7 +73,11 @@ PROBE_JS = """
   const srcs = () => imgs().map((i) => (i ? i.currentSrc || i.src : null));
   window.addEventListener('keydown', (event) => {
     if (event.key !== '1' && event.key !== '2') return;
-    const p = {t0: performance.now(), old: srcs(), tSwap: null, tShown: null, done: false};
+    const shownPrompt = document.querySelector('#prefloop-prompt');
+    const p = {
+      t0: performance.now(), old: srcs(), tSwap: null, tShown: null, done: false,
+      key: event.key, prompt: shownPrompt ? shownPrompt.innerText : '',
+    };
     window.__latencyProbe = p;
     const check = () => {
       const now = imgs();
@@ -197,6 +208,19 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0)
 class Vote:
     swap_ms: float
     shown_ms: float
+    #: What was on screen at the key press: the prompt, and the image id the key chose.
+    prompt: str = ""
+    chosen_image: str = ""
+
+
+_IMAGE_ID = re.compile(r"/(\d+)\.\w+$")
+
+
+def _chosen(p: dict) -> str:
+    """The image id of the side the key chose, from the shown image's file name."""
+    src = p["old"][0 if p["key"] == "1" else 1] or ""
+    match = _IMAGE_ID.search(src.split("?")[0])
+    return match.group(1) if match else ""
 
 
 def measure(url: str, votes: int, think_ms: float, screenshot: Path | None) -> list[Vote]:
@@ -227,7 +251,10 @@ def measure(url: str, votes: int, think_ms: float, screenshot: Path | None) -> l
                 page.keyboard.press("1" if i % 2 == 0 else "2")
                 page.wait_for_function("() => window.__latencyProbe.done", polling=20)
                 p = page.evaluate("() => window.__latencyProbe")
-                results.append(Vote(p["tSwap"] - p["t0"], p["tShown"] - p["t0"]))
+                prompt = str(p["prompt"]).removeprefix("Prompt:").strip()
+                results.append(
+                    Vote(p["tSwap"] - p["t0"], p["tShown"] - p["t0"], prompt, _chosen(p))
+                )
             page.wait_for_function(
                 "(n) => document.querySelector('#prefloop-progress').innerText"
                 ".includes(n + ' votes this session')",
@@ -263,6 +290,31 @@ def api_alone(url: str) -> dict[str, list[float]]:
             client.vote(token, pair_id=pair.pair_id, choice="left")
             timings["vote"].append(1000 * (time.perf_counter() - t0))
     return timings
+
+
+def check_votes(url: str, results: list[Vote]) -> list[str]:
+    """Each vote, as stored (the admin's JSON-lines export, in vote order), against what was on
+    screen at its key press: the same prompt, and the chosen image the one the key pointed at.
+    Returns the mismatches."""
+    import json
+
+    with PrefloopClient(url) as client:
+        token = client.login("admin", ADMIN_PASSWORD)
+        content, _, _ = client.export(token, "jsonl")
+    rows = sorted(
+        (json.loads(line) for line in content.decode().splitlines() if line.strip()),
+        key=lambda r: int(r["ranking_id"]),
+    )[: len(results)]
+    problems = []
+    for i, (row, vote) in enumerate(zip(rows, results, strict=False)):
+        if row["caption"] != vote.prompt or str(row["best_image_uid"]) != vote.chosen_image:
+            problems.append(
+                f"vote {i + 1}: on screen {vote.prompt!r} / image {vote.chosen_image}, "
+                f"stored {row['caption']!r} / image {row['best_image_uid']}"
+            )
+    if len(rows) != len(results):
+        problems.append(f"{len(results)} votes pressed, {len(rows)} stored")
+    return problems
 
 
 def _load() -> str:
@@ -329,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = _cpu_seconds(proc.pid)
         results = measure(url, votes, a.think_ms, a.screenshot)
         cpu = _cpu_seconds(proc.pid) - cpu0
+        problems = check_votes(url, results)
         alone = api_alone(url)
     finally:
         proc.terminate()
@@ -337,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     print(report(results, a.think_ms))
+    print(
+        "every vote went to the pair on screen (prompt and chosen image, from the export)"
+        if not problems
+        else f"MISMATCH between the screen and the stored votes: {problems[:3]}"
+    )
     print(
         "the API alone (typed client, same server): "
         + ", ".join(
@@ -349,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         f"server CPU per vote (the vote, its prefetch, the Gradio events): "
         f"{1000 * cpu / len(results):.0f} ms; load after: {_load()}"
     )
-    return 0
+    return 1 if problems else 0
 
 
 def _cpu_seconds(pid: int) -> float:

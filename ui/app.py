@@ -12,12 +12,16 @@ Images: the API's image endpoint requires the user's bearer token, which an ``<i
 cannot send. The UI server fetches the bytes with the token (unchanged, no re-encoding) into
 a local cache and gives Gradio file paths; the browser loads them from the UI's own origin.
 The next pair and its images are fetched while the current one is on screen, and pushed into
-hidden preload images so the browser has them cached before the vote.
+hidden preload images so the browser has them cached before the vote. The vote click shows
+them at once, before the server answers (:data:`ui.shortcuts.VOTE_CLICK_JS`); the server's
+answer then confirms that pair, or, when it kept the pair on screen (the vote was not saved),
+the click's swap is undone (:data:`ui.shortcuts.VOTE_DONE_JS`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -40,7 +44,7 @@ from ui.admin import AdminActions, build_admin_tab
 from ui.annotation import AnnotationDesk, AnnotatorSession, TaskView
 from ui.guidelines import DEFAULT_GUIDELINES
 from ui.image_store import ImageStore
-from ui.shortcuts import MARK_SHOWN_JS, VOTE_ACTIONS, VOTE_CLICK_JS, page_load_js
+from ui.shortcuts import MARK_SHOWN_JS, VOTE_ACTIONS, VOTE_CLICK_JS, VOTE_DONE_JS, page_load_js
 from ui.tables import escape_markdown
 
 log = logging.getLogger(__name__)
@@ -203,6 +207,9 @@ def build_ui(
         preload_right = gr.Image(
             type="filepath", interactive=False, elem_classes=["prefloop-preload"], show_label=False
         )
+        # What the preload images are: the pair after the one whose token is "after", and its
+        # prompt (JSON). The vote click shows them at once when "after" is the pair on screen.
+        preload_info = gr.Textbox("", visible="hidden", elem_id="prefloop-preload-info")
         retry_timer = gr.Timer(1.0, active=False)
 
         task_outputs: list[Any] = [
@@ -292,15 +299,26 @@ def build_ui(
             prepared = desk.prefetch(session)
             if prepared is None:
                 return gr.skip()
-            return {preload_left: prepared.left_path, preload_right: prepared.right_path}
+            current = session.current
+            info = {
+                "after": current.client_vote_id if current is not None else "",
+                "prompt": prepared.pair.prompt,
+            }
+            return {
+                preload_left: prepared.left_path,
+                preload_right: prepared.right_path,
+                preload_info: json.dumps(info),
+            }
 
         def on_vote(
             choice: Choice,
             session: AnnotatorSession | None,
             shown_token: str,
             latency_ms: float | None,
+            _preload_info: str = "",
         ) -> Any:
-            """The one vote handler; each button binds its ``choice``."""
+            """The one vote handler; each button binds its ``choice``. (The preload info is an
+            input for the click's script only.)"""
             if session is None:
                 return render(TaskView(kind="signed_out", notice="Please sign in."))
             client_latency = None if latency_ms is None or latency_ms < 0 else float(latency_ms)
@@ -327,7 +345,7 @@ def build_ui(
         prefetch_args: dict[str, Any] = {
             "fn": on_prefetch,
             "inputs": [session_state],
-            "outputs": [preload_left, preload_right],
+            "outputs": [preload_left, preload_right, preload_info],
             **annotate_events,
         }
 
@@ -356,12 +374,12 @@ def build_ui(
         for choice, button in vote_buttons.items():
             button.click(
                 functools.partial(on_vote, choice),
-                inputs=[session_state, token_box, latency_box],
+                inputs=[session_state, token_box, latency_box, preload_info],
                 outputs=task_outputs,
                 js=VOTE_CLICK_JS,
                 queue=False,
                 **annotate_events,
-            ).then(**prefetch_args)
+            ).then(None, inputs=[token_box], js=VOTE_DONE_JS, **private).then(**prefetch_args)
 
         retry_timer.tick(
             on_tick, inputs=[session_state], outputs=task_outputs, **annotate_events

@@ -128,16 +128,64 @@ def page_load_js() -> str:
 """
 
 
-#: Runs in the browser when a new pair's token lands on the page: the display time.
-MARK_SHOWN_JS = "() => { window.__prefloopShownAt = performance.now(); }"
+#: Runs in the browser when a new pair's token lands on the page: the display time (or, when
+#: the vote click already showed this pair, the time it did).
+MARK_SHOWN_JS = """
+() => {
+  const swap = window.__prefloopSwap;
+  window.__prefloopShownAt = swap ? swap.shownAt : performance.now();
+  window.__prefloopSwap = null;
+}
+"""
 
-#: Runs in the browser on a vote click, before the server call: passes the time since display.
-#: Inputs are (session state, shown-pair token, latency); the state value is ignored by the
-#: server (Gradio keeps state server-side), the token passes through, the latency is filled in.
+#: Runs in the browser on a vote click, before the server call: passes the time since display,
+#: and shows the preloaded next pair at once when it is the successor of the pair on screen
+#: (``preload`` is ``{"after": token, "prompt": text}``) and its images are loaded. Inputs
+#: are (session state, shown-pair token, latency, preload info); the state value is ignored by
+#: the server (Gradio keeps state server-side), the token passes through, the latency is filled.
 VOTE_CLICK_JS = """
-(state, token, latency) => {
+(state, token, latency, preload) => {
   const shownAt = window.__prefloopShownAt;
   const ms = typeof shownAt === "number" ? Math.round(performance.now() - shownAt) : -1;
-  return [state, token, ms];
+  try {
+    const info = preload ? JSON.parse(preload) : null;
+    const next = [...document.querySelectorAll(".prefloop-preload img")];
+    const shown = ["#prefloop-left img", "#prefloop-right img"].map((s) => document.querySelector(s));
+    const prompt = document.querySelector("#prefloop-prompt p");
+    const ready = info && token && info.after === token && next.length === 2
+      && shown.every(Boolean) && next.every((i) => i.complete && i.naturalWidth > 0)
+      && next.every((i, k) => i.src !== shown[k].src);
+    if (ready && !window.__prefloopSwap) {
+      window.__prefloopSwap = {
+        token, srcs: shown.map((i) => i.src), prompt: prompt ? prompt.innerHTML : null,
+        shownAt: performance.now(),
+      };
+      shown.forEach((img, k) => { img.src = next[k].src; });
+      if (prompt) {
+        const label = document.createElement("strong");
+        label.textContent = "Prompt:";
+        prompt.replaceChildren(label, document.createTextNode(" " + info.prompt));
+      }
+    }
+  } catch (e) {
+    window.__prefloopSwap = null;
+  }
+  return [state, token, ms, preload];
+}
+"""
+
+#: Runs in the browser once the vote's answer is on the page: if the server kept the same pair
+#: (the vote was not saved, or the press was stale), undo the click's swap.
+VOTE_DONE_JS = """
+(token) => {
+  const swap = window.__prefloopSwap;
+  if (swap && swap.token === token) {
+    const shown = ["#prefloop-left img", "#prefloop-right img"].map((s) => document.querySelector(s));
+    shown.forEach((img, k) => { if (img) img.src = swap.srcs[k]; });
+    const prompt = document.querySelector("#prefloop-prompt p");
+    if (prompt && swap.prompt !== null) prompt.innerHTML = swap.prompt;
+    window.__prefloopSwap = null;
+  }
+  return [];
 }
 """

@@ -1,6 +1,7 @@
 """``python -m bench.ui_latency``: the smallest run (3 keyboard votes in headless Chromium
-against a real ``prefloop serve``) prints the table, and the report's figures are the
-percentiles of what was measured."""
+against a real ``prefloop serve``) prints the table, and every stored vote is for the pair that
+was on screen (the page swaps in the preloaded pair before the server answers); the report's
+figures are the percentiles of what was measured."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def test_three_keyboard_votes_are_timed(capsys) -> None:  # type: ignore[no-unty
     assert ui_latency.main(["--votes", "3", "--think-ms", "200"]) == 0
     out = capsys.readouterr().out
     assert "3 keyboard votes, 200 ms look at each pair, 32x32 PNGs" in out
+    # the pair shown at once on the click is the one the next vote is stored for
+    assert "every vote went to the pair on screen" in out
     row = re.search(r"key -> images decoded \(shown\) +(\d+)ms +(\d+)ms +(\d+)ms", out)
     assert row is not None, out
     p50, p95, worst = map(int, row.groups())
