@@ -511,3 +511,80 @@ def test_wrong_password_shows_an_error(live_server: LiveServer, page) -> None:  
     assert (
         page.locator("#prefloop-app").count() == 0 or not page.locator("#prefloop-app").is_visible()
     )
+
+
+def _add_pairs(live_server: LiveServer, prompts: list[str]) -> None:
+    from backend.db import Database
+    from backend.models import PairKind
+    from backend.services import images as image_service
+    from backend.services import pairs as pair_service
+    from backend.services import prompts as prompt_service
+    from backend.services import versions as version_service
+    from backend.storage import ImageStore
+
+    settings = live_server.settings
+    db = Database(settings.db_url, pool_size=1, max_overflow=0)  # type: ignore[attr-defined]
+    with db.transaction() as session:
+        version = version_service.serving_version(session)
+        assert version is not None
+        prompt_service.add_prompts(
+            session, [prompt_service.PromptIn(p, "ui-test") for p in prompts]
+        )
+        rows, _ = prompt_service.list_prompts(session, offset=0, limit=100, active=None)
+        for prompt in (r for r in rows if r.text in prompts):
+            a, b = (
+                image_service.store_image(
+                    session,
+                    ImageStore(settings.images_dir),  # type: ignore[attr-defined]
+                    version_id=version.id,
+                    prompt_id=prompt.id,
+                    data=_shape_png((12 + 30 * k, 20), 8 + prompt.id % 5),
+                    seed=100 * prompt.id + k,
+                    cfg=3.0,
+                    steps=20,
+                    sampler="ddim",
+                    width=64,
+                    height=64,
+                )
+                for k in (0, 1)
+            )
+            pair_service.create_pair(
+                session, kind=PairKind.within_version, image_a_id=a.id, image_b_id=b.id
+            )
+    db.dispose()
+
+
+SHOWN = """() => [
+  ...['#prefloop-left img', '#prefloop-right img'].map((s) => document.querySelector(s).src),
+  document.querySelector('#prefloop-prompt').innerText,
+]"""
+
+
+def test_a_vote_that_is_not_saved_keeps_its_pair_on_screen(
+    live_server: LiveServer, page, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The click shows the preloaded next pair before the server answers; when the server keeps
+    the pair (here: the account was banned meanwhile, 403), the page shows it again."""
+    user = ("ann_swap", "annotator-pw-3")
+    assert _api(
+        live_server, "POST", "/users", json={"username": user[0], "password": user[1]}
+    ).is_success
+    _add_pairs(live_server, ["a green square in the middle", "a yellow star at the bottom"])
+    _sign_in(page, live_server.url, *user)
+    for selector in ("#prefloop-left img", "#prefloop-right img", ".prefloop-preload img"):
+        page.wait_for_function(IMAGE_LOADED, arg=selector)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.prefloop-preload img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length === 2"
+    )
+    before = page.evaluate(SHOWN)
+    users = _api(live_server, "GET", "/users").json()["data"]
+    uid = next(u["id"] for u in users if u["username"] == user[0])
+    assert _api(live_server, "PATCH", f"/users/{uid}", json={"status": "banned"}).is_success
+
+    page.wait_for_timeout(200)
+    page.keyboard.press("1")
+    _text_includes(page, "#prefloop-notice", "The vote was not saved")
+    page.wait_for_timeout(300)  # let the page settle: the swap is undone, nothing else moves
+    assert page.evaluate(SHOWN) == before
+    _screenshot(page, tmp_path, "annotate-vote-not-saved")
