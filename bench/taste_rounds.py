@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -162,7 +163,7 @@ def _cached(path: Path, make: Any) -> np.ndarray:
         return np.load(path)["images"]
     images = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # parallel runs: own tmp
     np.savez_compressed(tmp, images=images)
     tmp.replace(path)
     return images
@@ -312,6 +313,14 @@ def run_cell(
     )
 
 
+def _curve(evals: list[dict[str, Any]]) -> str:
+    def one(e: dict[str, Any]) -> str:
+        probe = "" if e.get("fidelity") is None else f" / {e['fidelity']:+.3f}"
+        return f"{e['step']}: {e['accuracy']:.2f} / {e['drift']:.3f}{probe}"
+
+    return ", ".join(one(e) for e in evals)
+
+
 def format_table(cells: list[Cell]) -> str:
     head = (
         f"{'taste':<11}{'seed':>5}{'steps':>7}{'best':>6}{'h/o acc':>9}{'drift':>8}{'probe':>8}"
@@ -360,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a round config override (backend.round_config.RoundConfig), repeatable",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only sample (and cache) the parent's units and every seed's vote images, so that "
+        "one process per taste can then run in parallel without sampling them again",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/out/taste_rounds"))
     a = p.parse_args(argv)
 
@@ -414,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     key = _hash({"fp": fp, "u": units, "n": s.num_inference_steps})
     print(f"taste rounds: {s.split} split, {len(units[0])} units, {s.votes} votes per round")
     parent_images = _cached(out / f"units-{key}.npz", lambda: _sample(base, *units, s))
+    if a.prepare:
+        for seed in range(s.seeds):
+            vote_images(base, seed, s, out, fp)
+        print(f"prepared: the parent's units and the votes' images of {s.seeds} seeds")
+        return 0
     cells = []
     t0 = time.perf_counter()
     for taste in s.tastes:
@@ -426,12 +446,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c.seconds:.0f} s{'' if c.candidate else ' — no candidate'}",
                 flush=True,
             )
+            print("    held-out curve (step: acc / drift / probe):", _curve(c.heldout), flush=True)
+            if c.stop_reason:
+                print(f"    stopped: {c.stop_reason}", flush=True)
     print()
     print(format_table(cells))
     rc = resolve_config(dict(s.overrides), "builtin:shapes")
     print(
         f"\nround config: lr {rc.learning_rate:g}, beta {rc.beta:g}, steps {rc.steps}, batch "
-        f"{rc.batch_size}, drift_budget {rc.drift_budget}, patience "
+        f"{rc.batch_size}, drift_budget {rc.drift_budget}, fidelity_budget "
+        f"{rc.fidelity_budget} on {rc.fidelity_units} units, max_epochs {rc.max_epochs}, patience "
         f"{rc.early_stopping_patience}, eval_every {rc.eval_every}; {time.perf_counter() - t0:.0f} s"
     )
     name = f"taste_rounds-{s.split}-{_hash(asdict(s))}.json"
