@@ -66,6 +66,7 @@ bench: setup services ## every benchmark, full size
 	$(BIN)/python -m bench.loop
 	$(BIN)/python -m bench.api_load
 	$(BIN)/python -m bench.api_fuzz
+	$(BIN)/python -m bench.worker_kill
 	$(BIN)/python -m bench.ui_latency
 
 bench-quick: setup services ## every benchmark with --quick (each under 2 minutes)
@@ -76,6 +77,7 @@ bench-quick: setup services ## every benchmark with --quick (each under 2 minute
 	$(BIN)/python -m bench.loop --quick
 	$(BIN)/python -m bench.api_load --quick
 	$(BIN)/python -m bench.api_fuzz --quick
+	$(BIN)/python -m bench.worker_kill --quick
 	$(BIN)/python -m bench.ui_latency --quick
 
 clean:
