@@ -175,6 +175,11 @@ class PromptCreate(BaseModel):
     source: PromptSource | None = None
 
 
+class PromptUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    active: bool = Field(description="Whether new images are drawn for this prompt.")
+
+
 class PromptPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int

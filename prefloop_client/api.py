@@ -538,6 +538,14 @@ class PrefloopClient:
             self._json(self._request("GET", f"{API_PREFIX}/prompts", token=token, params=params))
         )
 
+    def set_prompt_active(self, token: str, prompt_id: int, active: bool) -> dict[str, Any]:
+        """Activate or deactivate a prompt (the pool draws new images for active ones only)."""
+        return self._object(
+            self._request(
+                "PATCH", f"{API_PREFIX}/prompts/{prompt_id}", token=token, json={"active": active}
+            )
+        )
+
     def list_users(self, token: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Annotators with their volume and reliability (admin); ``limit`` is at most 500."""
         params = {"limit": limit, "offset": offset}

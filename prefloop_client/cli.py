@@ -358,6 +358,15 @@ def cmd_prompts_add(c: Ctx, a: argparse.Namespace) -> None:
     )
 
 
+def _prompt_active(active: bool) -> Callable[[Ctx, argparse.Namespace], None]:
+    def run(c: Ctx, a: argparse.Namespace) -> None:
+        prompt = c.client.set_prompt_active(c.token, a.prompt_id, active)
+        state = "active" if prompt.get("active") else "inactive"
+        c.emit(prompt, f"prompt {prompt.get('id')} is {state}: {prompt.get('text')}")
+
+    return run
+
+
 def cmd_prompts_list(c: Ctx, a: argparse.Namespace) -> None:
     rows = c.client.list_prompts(c.token, active=a.active, limit=a.limit, offset=a.offset)
     columns = (("id", "id"), ("active", "active"), ("source", "source"), ("text", "text"))
@@ -481,7 +490,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("text", nargs="*", help="prompt texts")
     p.add_argument("--file", help="a .txt (one a line), .csv or .jsonl prompt file")
     p.add_argument("--source", help="where the texts come from (kept with each)")
-    p = leaf(prompts, "list", cmd_prompts_list, "prompts, newest first")
+    for action, active in (("activate", True), ("deactivate", False)):
+        p = leaf(prompts, action, _prompt_active(active), f"{action} a prompt (new images)")
+        p.add_argument("prompt_id", type=int)
+    p = leaf(prompts, "list", cmd_prompts_list, "prompts, oldest first")
     state = p.add_mutually_exclusive_group()
     state.add_argument("--active", dest="active", action="store_const", const=True)
     state.add_argument("--inactive", dest="active", action="store_const", const=False)

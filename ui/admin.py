@@ -365,12 +365,21 @@ class AdminActions:
     def users(self, token: str) -> list[dict[str, Any]]:
         return self.client.list_users(token, limit=500)
 
-    def prompts(self, token: str, search: str = "") -> dict:
+    def prompts(self, token: str, search: str = "") -> list[dict[str, Any]]:
+        """Up to 200 of the first 500 prompts whose text holds ``search`` (any case)."""
         rows = self.client.list_prompts(token, limit=500)
         needle = (search or "").strip().lower()
         if needle:
             rows = [r for r in rows if needle in str(r.get("text", "")).lower()]
-        return table(rows[:200], PROMPT_COLUMNS)
+        return rows[:200]
+
+    def set_prompt_active(self, token: str, prompt_id: Any, active: bool) -> str:
+        pid = _require_id(prompt_id, "prompt")
+        if not pid.isdigit():
+            raise ValueError("Choose a prompt.")
+        prompt = self.client.set_prompt_active(token, int(pid), active)
+        state = "active" if prompt.get("active") else "inactive"
+        return f"Prompt {prompt.get('id')} is now {state}."
 
     def round_form(self, token: str) -> RoundForm:
         body = self.client.round_config_defaults(token)
@@ -722,11 +731,17 @@ def build_admin_tab(
                 "Upload prompts", variant="primary", scale=1, elem_id="prefloop-upload-prompts"
             )
         prompt_search = gr.Textbox(label="Search prompts", max_lines=1)
+        with gr.Row():
+            prompt_pick = gr.Dropdown(label="Prompt", elem_id="prefloop-prompt-pick", scale=3)
+            activate_btn = gr.Button("Activate", scale=1, elem_id="prefloop-activate-prompt")
+            deactivate_btn = gr.Button(
+                "Deactivate", variant="stop", scale=1, elem_id="prefloop-deactivate-prompt"
+            )
         prompts_df = gr.Dataframe(
             label="Prompts", interactive=False, wrap=True, elem_id="prefloop-admin-prompts"
         )
 
-    picks = [round_pick, version_pick, user_pick]
+    picks = [round_pick, version_pick, user_pick, prompt_pick]
     views = [
         status,
         overview_md,
@@ -739,6 +754,7 @@ def build_admin_tab(
         users_df,
         user_pick,
         prompts_df,
+        prompt_pick,
     ]
 
     def refresh(
@@ -746,6 +762,7 @@ def build_admin_tab(
         round_sel: Any = None,
         version_sel: Any = None,
         user_sel: Any = None,
+        prompt_sel: Any = None,
         search: str = "",
     ) -> Any:
         if session is None or session.signed_out or not session.is_admin:
@@ -792,7 +809,21 @@ def build_admin_tab(
         load(fill_versions)
         load(lambda: updates.__setitem__(leaderboard_df, actions.leaderboard(token)))
         load(fill_users)
-        load(lambda: updates.__setitem__(prompts_df, actions.prompts(token, search)))
+
+        def fill_prompts() -> None:
+            prompts = actions.prompts(token, search)
+            updates[prompts_df] = table(prompts, PROMPT_COLUMNS)
+            choices = [
+                (
+                    f"{p['id']} · {'active' if p.get('active') else 'inactive'} · "
+                    f"{str(p.get('text', ''))[:60]}",
+                    str(p["id"]),
+                )
+                for p in prompts
+            ]
+            updates[prompt_pick] = _pick(choices, prompt_sel)
+
+        load(fill_prompts)
         if errors:  # else the status line keeps the last action's message
             updates[status] = " ".join(dict.fromkeys(errors))
         return updates
@@ -864,14 +895,16 @@ def build_admin_tab(
             return {status: _error_text(exc)}
         return {version_md: text, gallery: items}
 
-    def tick(session: AnnotatorSession | None, rsel: Any, vsel: Any, usel: Any, q: str) -> Any:
-        updates = refresh(session, rsel, vsel, usel, q)
+    def tick(
+        session: AnnotatorSession | None, rsel: Any, vsel: Any, usel: Any, psel: Any, q: str
+    ) -> Any:
+        updates = refresh(session, rsel, vsel, usel, psel, q)
         if isinstance(updates, dict) and rsel:
             updates.update(show_round(session, rsel))
         return updates
 
     def on_start(session: AnnotatorSession | None, form: RoundForm | None, *values: Any) -> Any:
-        *field_values, advanced, rsel, vsel, usel, q = values
+        *field_values, advanced, rsel, vsel, usel, psel, q = values
         rows = advanced.values.tolist() if isinstance(advanced, pd.DataFrame) else advanced or []
         given = dict(zip(FORM_FIELDS, field_values, strict=True))
         reset = {
@@ -893,7 +926,7 @@ def build_admin_tab(
             return updates
         except (ApiError, ApiUnavailable, ValueError) as exc:
             return {status: _error_text(exc)}
-        updates = refresh(session, rsel, vsel, usel, q)
+        updates = refresh(session, rsel, vsel, usel, psel, q)
         if not isinstance(updates, dict):
             updates = {}
         updates.update(reset)
@@ -955,8 +988,8 @@ def build_admin_tab(
         (rollback_btn, "rollback"),
     ):
         button.click(
-            lambda s, r, v, u, a=action: run_action(
-                lambda t: actions.version_action(t, v, a), s, r, v, u
+            lambda s, *sel, a=action: run_action(
+                lambda t: actions.version_action(t, sel[1], a), s, *sel
             ),
             inputs=[session_state, *picks],
             outputs=views,
@@ -969,27 +1002,37 @@ def build_admin_tab(
         )
     for button, user_status in ((ban_btn, "banned"), (unban_btn, "active")):
         button.click(
-            lambda s, r, v, u, st=user_status: run_action(
-                lambda t: actions.set_user_status(t, u, st), s, r, v, u
+            lambda s, *sel, st=user_status: run_action(
+                lambda t: actions.set_user_status(t, sel[2], st), s, *sel
             ),
             inputs=[session_state, *picks],
             outputs=views,
             **private,
         )
     create_user_btn.click(
-        lambda s, name, pw, role, r, v, u: run_action(
-            lambda t: actions.create_user(t, name, pw, role), s, r, v, u
+        lambda s, name, pw, role, *sel: run_action(
+            lambda t: actions.create_user(t, name, pw, role), s, *sel
         ),
         inputs=[session_state, new_username, new_password, new_role, *picks],
         outputs=views,
         **private,
     ).then(lambda: "", outputs=[new_password], **private)
     upload_btn.click(
-        lambda s, f, r, v, u: run_action(lambda t: actions.upload_prompts(t, f), s, r, v, u),
+        lambda s, f, *sel: run_action(lambda t: actions.upload_prompts(t, f), s, *sel),
         inputs=[session_state, prompt_file, *picks],
         outputs=views,
         **private,
     )
+
+    for button, active in ((activate_btn, True), (deactivate_btn, False)):
+        button.click(
+            lambda s, *sel, on=active: run_action(
+                lambda t: actions.set_prompt_active(t, sel[3], on), s, *sel
+            ),
+            inputs=[session_state, *picks],
+            outputs=views,
+            **private,
+        )
 
     def on_export(session: AnnotatorSession | None, fmt: ExportFormat):
         try:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from backend.models import Prompt
 from backend.services.common import dialect_insert
-from backend.services.errors import Invalid
+from backend.services.errors import Invalid, NotFound
 from backend.text_input import TextProblem, check_text
 
 MAX_PROMPT_CHARS = 2000
@@ -201,3 +201,13 @@ def list_prompts(
         c = c.where(Prompt.active.is_(active))
     rows = list(session.scalars(q.order_by(Prompt.id).offset(offset).limit(limit)))
     return rows, session.scalar(c) or 0
+
+
+def set_active(session: Session, prompt_id: int, active: bool) -> Prompt:
+    """Activate or deactivate a prompt (new images are drawn for active prompts only; pairs
+    already made keep being served). NotFound for an unknown id."""
+    prompt = session.get(Prompt, prompt_id)
+    if prompt is None:
+        raise NotFound(f"prompt {prompt_id} not found")
+    prompt.active = active
+    return prompt

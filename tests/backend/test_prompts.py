@@ -133,3 +133,31 @@ def test_unsupported_media_type_is_415(env, client):
         content=b"<x/>",
     )
     assert r.status_code == 415
+
+
+def test_admins_activate_and_deactivate_prompts(env, client):
+    h = env.admin_headers()
+    r = client.post("/api/v1/prompts", json=["a red cube", "a blue cone"], headers=h)
+    assert r.status_code == 201
+    rows = client.get("/api/v1/prompts", headers=h).json()["data"]
+    cube = next(p["id"] for p in rows if p["text"] == "a red cube")
+
+    r = client.patch(f"/api/v1/prompts/{cube}", json={"active": False}, headers=h)
+    assert r.status_code == 200 and (r.json()["id"], r.json()["active"]) == (cube, False)
+    inactive = client.get("/api/v1/prompts?active=false", headers=h).json()
+    assert [p["text"] for p in inactive["data"]] == ["a red cube"] and inactive["count"] == 1
+    r = client.patch(f"/api/v1/prompts/{cube}", json={"active": True}, headers=h)
+    assert r.json()["active"] is True
+    assert client.get("/api/v1/prompts?active=false", headers=h).json()["count"] == 0
+
+    assert client.patch("/api/v1/prompts/987654", json={"active": False}, headers=h).json() == {
+        "detail": "prompt 987654 not found"
+    }
+    assert (
+        client.patch(f"/api/v1/prompts/{cube}", json={"activ": False}, headers=h).status_code == 422
+    )
+    _, ann = env.user()
+    assert (
+        client.patch(f"/api/v1/prompts/{cube}", json={"active": False}, headers=ann).status_code
+        == 403
+    )

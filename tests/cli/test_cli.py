@@ -195,7 +195,7 @@ def test_users_create_ban_unban(cli, live_api) -> None:  # type: ignore[no-untyp
     assert code == 1 and "user 987654 not found" in err
 
 
-def test_prompts_add_and_list(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_prompts_add_list_activate_deactivate(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = cli("prompts", "add", "a blue circle", "a green triangle", "--source", "cli")
     assert (code, out.strip()) == (0, "2 prompts added, 0 already there")
     code, out, _ = cli("prompts", "add", "a blue circle", "--json")
@@ -213,6 +213,16 @@ def test_prompts_add_and_list(cli, tmp_path: Path) -> None:  # type: ignore[no-u
     assert listed["a blue circle"]["source"] == "cli"
     code, out, _ = cli("prompts", "list", "--inactive")
     assert (code, out.strip()) == (0, "(none)")
+
+    circle = listed["a blue circle"]["id"]
+    code, out, _ = cli("prompts", "deactivate", str(circle))
+    assert (code, out.strip()) == (0, f"prompt {circle} is inactive: a blue circle")
+    code, out, _ = cli("prompts", "list", "--inactive", "--json")
+    assert [p["text"] for p in json.loads(out)] == ["a blue circle"]
+    code, out, _ = cli("prompts", "activate", str(circle), "--json")
+    assert code == 0 and json.loads(out)["active"] is True
+    code, _, err = cli("prompts", "activate", "987654")
+    assert code == 1 and "not found: prompt 987654 not found" in err
 
 
 def test_export_then_import_round_trips_the_votes(cli, live_api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,15 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from backend.api.deps import AdminUser, CurrentUser, Limit, Offset, SessionDep, StateDep
+from backend.api.deps import (
+    AdminUser,
+    CurrentUser,
+    IdPath,
+    Limit,
+    Offset,
+    SessionDep,
+    StateDep,
+)
 from backend.api.errors import _json_safe_errors
 from backend.schemas import (
     PromptCreate,
@@ -16,6 +24,7 @@ from backend.schemas import (
     PromptsCreated,
     PromptsPublic,
     PromptText,
+    PromptUpdate,
 )
 from backend.services import prompts as prompt_service
 from backend.services.prompts import PromptIn
@@ -140,3 +149,13 @@ def list_prompts(
 ) -> PromptsPublic:
     rows, count = prompt_service.list_prompts(session, offset=offset, limit=limit, active=active)
     return PromptsPublic(data=[PromptPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.patch("/{prompt_id}", response_model=PromptPublic)
+def update_prompt(
+    prompt_id: IdPath, body: PromptUpdate, session: SessionDep, admin: AdminUser
+) -> PromptPublic:
+    """Activate or deactivate a prompt: the pool draws new images for active prompts only."""
+    prompt = prompt_service.set_active(session, prompt_id, body.active)
+    session.commit()
+    return PromptPublic.model_validate(prompt)
