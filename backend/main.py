@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.api.errors import install_error_handlers
 from backend.api.fallback import install_api_fallback
-from backend.api.openapi import install_openapi
 from backend.api.health import router as health_router
 from backend.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from backend.api.openapi import install_openapi
 from backend.api.routes import api_router
 from backend.api.state import AppState, ImageSigner
 from backend.db import Database

@@ -11,7 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from backend.models import Choice, RoundStatus, UserRole, UserStatus, VersionStatus
 from backend.services.common import as_utc
-from backend.text_input import StoredText
+from backend.text_input import NoNul, stored_text
 
 #: Every time in a response: UTC with its offset (SQLite hands back naive datetimes, which
 #: would serialise without one and break the documented ``date-time`` format).
@@ -26,27 +26,26 @@ def _json_integer(value: Any) -> Any:
 
 #: An integer of a request body as JSON Schema means it: ``3`` and ``3.0``, never ``true`` or
 #: ``"3"`` (pydantic's lax mode would take both).
-def JsonInt(*, ge: int, le: int) -> Any:  # noqa: N802 - a type factory, used like a type
-    # Field first: constraints after a BeforeValidator are lost from the JSON Schema.
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
+JsonInteger = BeforeValidator(_json_integer)
+# Field first: constraints after a BeforeValidator are lost from the JSON Schema.
+Cap = Annotated[int, Field(ge=0, le=10_000_000), JsonInteger]
+RowId = Annotated[int, Field(ge=1, le=2**31 - 1), JsonInteger]
+LatencyMs = Annotated[int, Field(ge=0, le=86_400_000), JsonInteger]
 
-
-Cap = JsonInt(ge=0, le=10_000_000)
-RowId = JsonInt(ge=1, le=2**31 - 1)
-LatencyMs = JsonInt(ge=0, le=86_400_000)
-
-# Every text field of a request is a StoredText (backend/text_input.py): a NUL character, a
+# Every text field of a request is a stored_text + NoNul (backend/text_input.py): a NUL character, a
 # lone surrogate or an overlong value is a 422 naming the field.
-Username = StoredText(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
-Password = StoredText(min_length=8, max_length=128)
+Username = Annotated[
+    str, stored_text(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$"), NoNul
+]
+Password = Annotated[str, stored_text(min_length=8, max_length=128), NoNul]
 #: What a login form accepts (any stored account, whatever its age): no format rules.
-LoginUsername = StoredText(min_length=1, max_length=64)
-LoginPassword = StoredText(min_length=1, max_length=1024)
-PromptText = StoredText(min_length=1, max_length=2000)
-PromptSource = StoredText(max_length=128)
-Reason = StoredText(max_length=2000)
-LoginScope = StoredText(max_length=1024)
-InviteCode = StoredText(min_length=1, max_length=128)
+LoginUsername = Annotated[str, stored_text(min_length=1, max_length=64), NoNul]
+LoginPassword = Annotated[str, stored_text(min_length=1, max_length=1024), NoNul]
+PromptText = Annotated[str, stored_text(min_length=1, max_length=2000), NoNul]
+PromptSource = Annotated[str, stored_text(max_length=128), NoNul]
+Reason = Annotated[str, stored_text(max_length=2000), NoNul]
+LoginScope = Annotated[str, stored_text(max_length=1024), NoNul]
+InviteCode = Annotated[str, stored_text(min_length=1, max_length=128), NoNul]
 
 
 class Message(BaseModel):

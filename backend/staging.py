@@ -43,8 +43,8 @@ def pending_files(session: Session) -> list[Any]:
 def _image_referenced(session: Session, rel: str) -> bool:
     from backend.models import Image
 
-    bind = session.get_bind()
-    with bind.connect() as conn:  # a fresh connection: only committed rows count
+    engine = session.get_bind().engine
+    with engine.connect() as conn:  # a fresh connection: only committed rows count
         return (
             conn.execute(select(Image.id).where(Image.storage_path == rel).limit(1)).first()
             is not None

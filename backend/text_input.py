@@ -6,19 +6,20 @@ encodable as UTF-8: psycopg and sqlite3 both fail on it) and a value longer than
 
 Two entry points, one rule (:func:`text_problem`):
 
-- :func:`StoredText` is the annotated ``str`` type that request schemas use (JSON bodies and
-  form fields). Pydantic itself refuses lone surrogates (``string_unicode``); the validator
-  adds NUL (``string_nul``). Its JSON Schema carries a ``pattern`` without NUL, so generated
-  clients and fuzzers know the rule.
+- ``Annotated[str, stored_text(max_length=...), NoNul]`` is the type that request schemas use
+  (JSON bodies and form fields). Pydantic itself refuses lone surrogates (``string_unicode``);
+  :data:`NoNul` adds NUL (``string_nul``), :func:`stored_text` the length and, in the JSON
+  Schema, a ``pattern`` without NUL, so generated clients and fuzzers know the rule.
 - :func:`check_text` is for parsers outside pydantic (prompt files, dataset imports): it
   returns the same problem as a message, which the caller reports with its line or row.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import AfterValidator, Field
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 #: The JSON Schema pattern of every stored text: no NUL character.
@@ -63,15 +64,15 @@ def _no_nul(value: str) -> str:
     return value
 
 
-def StoredText(  # noqa: N802 - a type factory, used like a type
-    *, max_length: int, min_length: int = 0, **field: Any
-) -> Any:
-    """``str`` limited to ``max_length`` characters (its column's size), refused with a NUL
-    character or a lone surrogate. Extra keyword arguments go to :func:`pydantic.Field`."""
+#: The validator of every stored text: a NUL character is a 422 (``string_nul``).
+NoNul = AfterValidator(_no_nul)
+
+
+def stored_text(*, max_length: int, min_length: int = 0, **field: Any) -> FieldInfo:
+    """The field of a stored text, limited to ``max_length`` characters (its column's size);
+    use it with :data:`NoNul`: ``Annotated[str, stored_text(max_length=64), NoNul]``. Extra
+    keyword arguments go to :func:`pydantic.Field`."""
     if "pattern" not in field:
         field["json_schema_extra"] = {"pattern": NO_NUL_PATTERN}
-    return Annotated[
-        str,
-        Field(min_length=min_length, max_length=max_length, **field),
-        AfterValidator(_no_nul),
-    ]
+    field_info: FieldInfo = Field(min_length=min_length, max_length=max_length, **field)
+    return field_info

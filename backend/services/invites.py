@@ -32,7 +32,7 @@ def spend_invite(session: Session, code: str, *, user_id: int) -> None:
     """Mark the invite with ``code`` used by ``user_id``; :class:`Forbidden` when no unused
     invite has that code. One conditional UPDATE, so two registrations racing for one code
     cannot both win."""
-    spent = session.execute(
+    spent = session.execute(  # type: ignore[attr-defined]  # a CursorResult
         update(Invite)
         .where(Invite.code_sha256 == _digest(code), Invite.used_by.is_(None))
         .values(used_by=user_id, used_at=datetime.now(UTC))
