@@ -471,6 +471,13 @@ def test_admin_bans_an_annotator_whose_next_request_is_refused(
     _text_includes(page, "#prefloop-admin-status", f"{TO_BAN[0]} is now active")
     assert live_server.token(*TO_BAN)  # may sign in again
 
+    # a new account from the same section
+    page.get_by_label("New username").fill("ann_created")
+    page.get_by_label("Password", exact=True).last.fill("created-pw-1")
+    page.get_by_role("button", name="Create account").click()
+    _text_includes(page, "#prefloop-admin-status", "Created annotator ann_created")
+    assert live_server.token("ann_created", "created-pw-1")
+
 
 def test_admin_uploads_and_deactivates_prompts(
     live_server: LiveServer, page, tmp_path: Path
