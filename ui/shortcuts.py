@@ -90,6 +90,7 @@ def page_load_js() -> str:
 () => {{
   if (window.__prefloopShortcuts) return;
   window.__prefloopShortcuts = true;
+  window.__prefloopTrySwap = {TRY_SWAP_JS.strip()};
   const keyToButton = {json.dumps(key_map(), ensure_ascii=False)};
   const style = document.createElement("style");
   style.id = "prefloop-style";
@@ -119,6 +120,15 @@ def page_load_js() -> str:
     const button = found && found.tagName !== "BUTTON" ? found.querySelector("button") : found;
     if (!button || button.disabled || button.offsetParent === null) return;
     event.preventDefault();
+    // The pair on screen and the preloaded next one, as the hidden fields hold them: a vote
+    // shows the next pair in this very event, before the click reaches Gradio.
+    const field = (id) => {{
+      const el = document.querySelector(`#${{id}} textarea, #${{id}} input`);
+      return el ? el.value : "";
+    }};
+    if (button.id.startsWith("prefloop-vote") || (found && found.id.startsWith("prefloop-vote"))) {{
+      window.__prefloopTrySwap(field("prefloop-token"), field("prefloop-preload-info"));
+    }}
     if (document.activeElement && document.activeElement !== document.body) {{
       document.activeElement.blur();
     }}
@@ -128,25 +138,12 @@ def page_load_js() -> str:
 """
 
 
-#: Runs in the browser when a new pair's token lands on the page: the display time (or, when
-#: the vote click already showed this pair, the time it did).
-MARK_SHOWN_JS = """
-() => {
-  const swap = window.__prefloopSwap;
-  window.__prefloopShownAt = swap ? swap.shownAt : performance.now();
-  window.__prefloopSwap = null;
-}
-"""
-
-#: Runs in the browser on a vote click, before the server call: passes the time since display,
-#: and shows the preloaded next pair at once when it is the successor of the pair on screen
-#: (``preload`` is ``{"after": token, "prompt": text}``) and its images are loaded. Inputs
-#: are (session state, shown-pair token, latency, preload info); the state value is ignored by
-#: the server (Gradio keeps state server-side), the token passes through, the latency is filled.
-VOTE_CLICK_JS = """
-(state, token, latency, preload) => {
-  const shownAt = window.__prefloopShownAt;
-  const ms = typeof shownAt === "number" ? Math.round(performance.now() - shownAt) : -1;
+#: Defined once by the page-load script: shows the preloaded next pair at once when it is the
+#: successor of the pair on screen (``preload`` is ``{"after": token, "prompt": text}``) and its
+#: images are loaded; remembers what it replaced (``window.__prefloopSwap``). Called from the
+#: key handler (before the click) and from the click itself; the first call wins.
+TRY_SWAP_JS = """
+(token, preload) => {
   try {
     const info = preload ? JSON.parse(preload) : null;
     const next = [...document.querySelectorAll(".prefloop-preload img")];
@@ -170,6 +167,30 @@ VOTE_CLICK_JS = """
   } catch (e) {
     window.__prefloopSwap = null;
   }
+}
+"""
+
+
+#: Runs in the browser when a new pair's token lands on the page: the display time (or, when
+#: the vote click already showed this pair, the time it did).
+MARK_SHOWN_JS = """
+() => {
+  const swap = window.__prefloopSwap;
+  window.__prefloopShownAt = swap ? swap.shownAt : performance.now();
+  window.__prefloopSwap = null;
+}
+"""
+
+#: Runs in the browser on a vote click, before the server call: passes the time since display,
+#: and shows the preloaded next pair at once when it is the successor of the pair on screen
+#: (``preload`` is ``{"after": token, "prompt": text}``) and its images are loaded. Inputs
+#: are (session state, shown-pair token, latency, preload info); the state value is ignored by
+#: the server (Gradio keeps state server-side), the token passes through, the latency is filled.
+VOTE_CLICK_JS = """
+(state, token, latency, preload) => {
+  const shownAt = window.__prefloopShownAt;
+  const ms = typeof shownAt === "number" ? Math.round(performance.now() - shownAt) : -1;
+  if (window.__prefloopTrySwap) window.__prefloopTrySwap(token, preload);
   return [state, token, ms, preload];
 }
 """
