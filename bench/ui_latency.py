@@ -12,9 +12,10 @@ with ``performance.now()``:
 - **shown**: from the keydown to both images loaded, ``decode()``-d and the next animation
   frame (what the annotator sees).
 
-The page shows the preloaded next pair on the click, before the server answers
-(``ui.shortcuts.VOTE_CLICK_JS``), so a vote costs the browser's event handling and a decode;
-when the prefetch is not done yet, it waits for the server's answer. Afterwards the bench
+Both are read in the first animation frame where they hold, so they include the browser's
+time to produce that frame. The page shows the preloaded next pair in the key handler itself,
+before the server answers (``ui.shortcuts.TRY_SWAP_JS``), so a vote costs the browser's event
+handling, a frame and a decode; when the prefetch is not done yet, it waits for the server. Afterwards the bench
 checks every stored vote (the admin's export) against what was on screen at its key press:
 the same prompt, and the image the key pointed at.
 
