@@ -81,15 +81,20 @@ BUILTIN = ModelFamily(
         "The offline built-in model (builtin:shapes, 1.7M parameters, trained from scratch) or "
         "a directory holding one of its checkpoints. Defaults tuned by bench/alignment.py on "
         "its validation split (docs/alignment-benchmark.md); SD-sized learning rates move "
-        "nothing on it. drift_budget from bench/taste_rounds.py's validation split "
-        "(docs/rounds.md): 0.15 keeps a taste round's judge drop near 0.02 or less."
+        "nothing on it. The stop rule from bench/taste_rounds.py's validation split "
+        "(docs/rounds.md): the judge read on 64 held-out units along training "
+        "(fidelity_budget 0.01) decides when a taste round stops, with drift_budget 0.3 "
+        "only as the backstop."
     ),
     round_defaults={
         "learning_rate": 1e-3,
         "beta": 2000.0,
         "lora_rank": 8,
         "batch_size": 8,
-        "drift_budget": 0.15,
+        "max_epochs": 3.0,
+        "drift_budget": 0.3,
+        "fidelity_budget": 0.01,
+        "fidelity_sampling_steps": 10,
     },
     matches=_is_builtin,
 )

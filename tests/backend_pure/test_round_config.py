@@ -74,7 +74,10 @@ def test_family_defaults_come_from_the_registry():
         "beta": 2000.0,
         "lora_rank": 8,
         "batch_size": 8,
-        "drift_budget": 0.15,
+        "max_epochs": 3.0,
+        "drift_budget": 0.3,
+        "fidelity_budget": 0.01,
+        "fidelity_sampling_steps": 10,
     }
     assert FAMILY_DEFAULTS["diffusers"] == {"learning_rate": 1e-5, "beta": 5000.0, "lora_rank": 8}
     assert list(mf.FAMILIES)[-1] == "diffusers"  # the catch-all is tried last
