@@ -324,6 +324,9 @@ def run_scenario(point: str, checkpoint: Path, root: Path, *, rng: random.Random
             if round_id not in swept.requeued + swept.redispatched:
                 out.notes.append(f"the sweeper did not re-queue round {round_id}: {swept}")
         _wait(lambda: status().finished, TIMEOUT_S, f"round {round_id} to finish", log)
+        # A graceful stop lets the task that finished the round end (its clean-up follows the
+        # commit), so what is left on disk after this is left for good.
+        second.stop()
 
         with db.read_session() as s:
             rnd = s.get(TrainingRound, round_id)
