@@ -99,7 +99,13 @@ INTEGER_FIELDS = ("steps", "lora_rank", "batch_size")
 
 CURVE_SERIES = ("loss", "implicit_acc", "reward_margin")
 #: Held-out evaluations (fixed timesteps and noise), stored in a metric row's ``extra``.
-HELDOUT_SERIES = {"accuracy": "heldout_acc", "loss": "heldout_loss", "drift": "drift"}
+#: ``fidelity``: the fidelity probe's paired change against the parent (docs/rounds.md).
+HELDOUT_SERIES = {
+    "accuracy": "heldout_acc",
+    "loss": "heldout_loss",
+    "drift": "drift",
+    "fidelity": "fidelity_change",
+}
 FINISHED_ROUND = ("succeeded", "failed", "cancelled")
 
 PROMPT_CONTENT_TYPES = {

@@ -428,7 +428,15 @@ def test_admin_curve_includes_the_heldout_series(tmp_path: Path) -> None:
             "loss": 0.66,
             "implicit_acc": 0.6,
             "reward_margin": 0.1,
-            "extra": {"heldout": {"step": 2, "accuracy": 0.58, "loss": 0.68, "drift": 0.03}},
+            "extra": {
+                "heldout": {
+                    "step": 2,
+                    "accuracy": 0.58,
+                    "loss": 0.68,
+                    "drift": 0.03,
+                    "fidelity": -0.004,
+                }
+            },
         },
     ]
 
@@ -439,7 +447,8 @@ def test_admin_curve_includes_the_heldout_series(tmp_path: Path) -> None:
     got = {(r.series, r.step): r.value for r in df.itertuples()}
     assert got[("heldout_acc", 2)] == 0.58 and got[("drift", 2)] == 0.03
     assert got[("heldout_loss", 2)] == 0.68 and ("heldout_acc", 1) not in got
-    assert got[("loss", 1)] == 0.69 and len(df) == 3 * 2 + 3
+    assert got[("fidelity_change", 2)] == -0.004
+    assert got[("loss", 1)] == 0.69 and len(df) == 3 * 2 + 4
 
 
 def test_votes_per_hour_become_a_time_series() -> None:
