@@ -272,3 +272,118 @@ def annotator_reliability(
             )
         )
     return out
+
+
+def annotator_alpha(
+    votes: Iterable[tuple[int, int, Hashable]],
+) -> tuple[float | None, dict[int, float]]:
+    """Krippendorff's alpha (nominal) overall and per annotator, in one pass.
+
+    ``votes`` holds ``(user_id, unit_id, value)``, at most one per user and unit. Within a unit
+    with ``m >= 2`` values, each value is compared with the ``m - 1`` others, each comparison
+    weighing ``1 / (m - 1)``, so every pairable value carries weight 1 and its *disagreement*
+    ``d`` is the share of the others that differ. With ``D_e`` the disagreement expected from
+    the pooled label frequencies (``sum_{c != k} n_c n_k / (n (n - 1))``):
+
+    * overall ``alpha = 1 - mean(d) / D_e`` over all pairable values, which is exactly
+      :func:`krippendorff_alpha_nominal`;
+    * annotator ``j``'s ``alpha_j = 1 - mean(d over j's values) / D_e``: the same statistic
+      restricted to the comparisons that involve ``j``. The overall alpha is the mean of the
+      ``alpha_j`` weighted by each annotator's pairable values.
+
+    Returns ``(None, {})`` when no unit has two values; when every value is the same
+    (``D_e = 0``) every alpha is 1.0, as in :func:`krippendorff_alpha_nominal`.
+    """
+    by_unit: dict[int, dict[int, Hashable]] = defaultdict(dict)
+    for user_id, unit_id, value in votes:
+        if user_id in by_unit[unit_id]:
+            raise ValueError(f"user {user_id} labelled unit {unit_id} twice")
+        by_unit[unit_id][user_id] = value
+    totals: Counter[Hashable] = Counter()
+    per_user: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])  # [sum d, values]
+    for coders in by_unit.values():
+        m = len(coders)
+        if m < 2:
+            continue
+        counts = Counter(coders.values())
+        totals.update(counts)
+        for user_id, value in coders.items():
+            s = per_user[user_id]
+            s[0] += (m - counts[value]) / (m - 1)
+            s[1] += 1
+    n = sum(totals.values())
+    if n == 0:
+        return None, {}
+    d_e = (n * n - sum(c * c for c in totals.values())) / (n * (n - 1))
+    if d_e == 0:
+        return 1.0, {u: 1.0 for u in per_user}
+    overall = 1.0 - sum(s[0] for s in per_user.values()) / n / d_e
+    return overall, {u: 1.0 - (s[0] / s[1]) / d_e for u, s in sorted(per_user.items())}
+
+
+def pairwise_kappa(
+    votes: Iterable[tuple[int, int, Hashable]], *, min_overlap: int
+) -> list[tuple[int, int, int, float]]:
+    """Cohen's kappa of every two annotators who share at least ``min_overlap`` units.
+
+    ``votes`` holds ``(user_id, unit_id, value)``. Returns ``(user_a, user_b, overlap, kappa)``
+    with ``user_a < user_b``, the largest overlap first (then by ids)."""
+    by_unit: dict[int, dict[int, Hashable]] = defaultdict(dict)
+    for user_id, unit_id, value in votes:
+        by_unit[unit_id][user_id] = value
+    shared: dict[tuple[int, int], tuple[list[Hashable], list[Hashable]]] = defaultdict(
+        lambda: ([], [])
+    )
+    for coders in by_unit.values():
+        users = sorted(coders)
+        for i, a in enumerate(users):
+            for b in users[i + 1 :]:
+                la, lb = shared[(a, b)]
+                la.append(coders[a])
+                lb.append(coders[b])
+    out = [
+        (a, b, len(la), cohen_kappa(la, lb))
+        for (a, b), (la, lb) in shared.items()
+        if len(la) >= min_overlap
+    ]
+    out.sort(key=lambda t: (-t[2], t[0], t[1]))
+    return out
+
+
+#: An annotator needs this many gold votes before gold accuracy can flag them.
+FLAG_MIN_GOLD = 5
+#: ... and this many timed votes before speed can flag them.
+FLAG_MIN_TIMED = 5
+#: The share of implausibly fast votes that flags an annotator.
+FLAG_FAST_SHARE = 0.5
+
+
+def flag_reasons(
+    rel: AnnotatorReliability | None,
+    *,
+    fast_votes: int,
+    timed_votes: int,
+    gold_floor: float,
+) -> list[str]:
+    """Why an annotator is unreliable; empty when they are not.
+
+    * ``"gold"``: at least :data:`FLAG_MIN_GOLD` gold votes and a gold accuracy below
+      ``gold_floor``;
+    * ``"outlier"``: the bad-voter test of :func:`annotator_reliability` (agreement
+      significantly below everyone else's);
+    * ``"fast"``: at least :data:`FLAG_MIN_TIMED` votes with a latency, and at least
+      :data:`FLAG_FAST_SHARE` of them implausibly fast (``fast_votes`` of ``timed_votes``).
+    """
+    reasons = []
+    if rel is not None:
+        if (
+            rel.gold_seen >= FLAG_MIN_GOLD
+            and rel.gold_accuracy is not None
+            and rel.gold_accuracy < gold_floor
+        ):
+            reasons.append("gold")
+        if rel.outlier:
+            reasons.append("outlier")
+    if timed_votes >= FLAG_MIN_TIMED and fast_votes >= FLAG_FAST_SHARE * timed_votes:
+        reasons.append("fast")
+    return reasons

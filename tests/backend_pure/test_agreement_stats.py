@@ -216,3 +216,43 @@ def test_annotator_reliability_alpha_threshold_and_errors():
     with pytest.raises(ValueError, match="no gold answer"):
         annotator_reliability([VoteRecord(1, 1, "a", None, is_gold=True)])
     assert annotator_reliability([]) == []
+
+
+# ---------------------------------------------------------------- issue 12: surfaced agreement
+from backend.agreement import annotator_alpha, flag_reasons, pairwise_kappa  # noqa: E402
+
+# Three units: U1 = {u1: a, u2: a, u3: b}, U2 = {u1: a, u2: a}, U3 = {u1: b, u3: a}.
+_UNITS = [(1, 1, "a"), (2, 1, "a"), (3, 1, "b"), (1, 2, "a"), (2, 2, "a"), (1, 3, "b"), (3, 3, "a")]
+
+
+def test_annotator_alpha_by_hand():
+    # n = 7 pairable values (a: 5, b: 2); D_e = (49 - 25 - 4) / (7 * 6) = 10/21.
+    # Disagreement per value: U1 u1 1/2, u2 1/2, u3 1; U2 0, 0; U3 1, 1.
+    # u1: (1/2 + 0 + 1) / 3 = 1/2 -> 1 - (1/2) * 21/10 = -0.05; u2: 1/4 -> 0.475; u3: 1 -> -1.1.
+    # Overall: (4/7) * 21/10 -> 1 - 1.2 = -0.2, the vote-weighted mean of the three.
+    overall, per = annotator_alpha(_UNITS)
+    assert overall == pytest.approx(-0.2)
+    assert per == pytest.approx({1: -0.05, 2: 0.475, 3: -1.1})
+    units = [["a", "a", "b"], ["a", "a", None], ["b", None, "a"]]
+    assert krippendorff_alpha_nominal(units) == pytest.approx(overall)
+    assert annotator_alpha([(1, 1, "a")]) == (None, {})
+    assert annotator_alpha([(1, 1, "a"), (2, 1, "a")]) == (1.0, {1: 1.0, 2: 1.0})
+
+
+def test_pairwise_kappa_by_hand():
+    # u1-u2 share U1, U2: (a, a), (a, a) -> both constant and equal: 1.0.
+    # u1-u3 share U1, U3: (a, b), (b, a): p_o = 0, p_e = 1/2 -> -1. u2-u3 share only U1.
+    assert pairwise_kappa(_UNITS, min_overlap=2) == [(1, 2, 2, 1.0), (1, 3, 2, -1.0)]
+    assert pairwise_kappa(_UNITS, min_overlap=3) == []
+
+
+def test_flag_reasons():
+    rel = AnnotatorReliability(7, 10, 5, 2, 0.4, 0, 0, None, 0.001, True)
+    assert flag_reasons(rel, fast_votes=3, timed_votes=6, gold_floor=0.6) == [
+        "gold",
+        "outlier",
+        "fast",
+    ]
+    ok = AnnotatorReliability(8, 10, 4, 0, 0.0, 0, 0, None, 0.5, False)  # 4 gold: too few
+    assert flag_reasons(ok, fast_votes=2, timed_votes=6, gold_floor=0.6) == []
+    assert flag_reasons(None, fast_votes=4, timed_votes=4, gold_floor=0.6) == []
