@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from backend.queues import TASK_QUEUES, TRAIN_ROUND
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-
-TRAIN_ROUND_TASK = "train.round"
-GPU_QUEUE = "gpu"
 
 
 class Dispatcher(Protocol):
@@ -41,9 +39,10 @@ class NullDispatcher:
 
 
 class CeleryDispatcher:
-    """Sends ``train.round`` to the ``gpu`` queue on the configured broker, by name.
+    """Sends ``train.round`` to its queue on the configured broker, by name.
 
-    The backend does not import the worker package: the task is sent by name.
+    The backend does not import the worker package: the task and queue names come from
+    :mod:`backend.queues`, which the workers read too.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -62,7 +61,9 @@ class CeleryDispatcher:
         return self._app
 
     def dispatch_round(self, round_id: int) -> str | None:
-        result = self._celery().send_task(TRAIN_ROUND_TASK, args=[round_id], queue=GPU_QUEUE)
+        result = self._celery().send_task(
+            TRAIN_ROUND, args=[round_id], queue=TASK_QUEUES[TRAIN_ROUND].value
+        )
         return str(result.id)
 
     def cancel_round(self, round_id: int, task_id: str | None) -> None:

@@ -1,4 +1,8 @@
-"""Celery queue and task names: the one place both the senders (API) and the workers read them.
+"""Celery queue and task names, and the broker URLs: the one place the API and the workers read them.
+
+This module imports neither torch nor Celery, so the API (which sends tasks by name, see
+:mod:`backend.dispatch`) and the workers (:mod:`worker.celery_app`, :mod:`worker.tasks`) share
+it without the API depending on the worker package.
 
 One queue per kind of work, so that GPU and CPU pools scale apart:
 
@@ -14,6 +18,7 @@ does not orphan the messages already queued under its old name.
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 
 class Queue(StrEnum):
@@ -43,12 +48,33 @@ TASK_QUEUES: dict[str, Queue] = {
 
 DEFAULT_QUEUE = Queue.CPU
 
+#: ``celery worker -Q`` for one process that consumes every queue (local mode, tests, benches).
+ALL_QUEUES = ",".join(q.value for q in Queue)
+
+
+def broker_url(configured: str | None, data_dir: str | Path) -> str:
+    """The Celery broker URL: ``configured``, else the embedded SQLite broker in ``data_dir``."""
+    if configured:
+        return str(configured)
+    return f"sqla+sqlite:///{Path(data_dir).expanduser().resolve() / 'broker.db'}"
+
+
+def result_backend_url(configured: str | None, data_dir: str | Path) -> str:
+    """The Celery result backend URL: ``configured``, else SQLite in ``data_dir``."""
+    if configured:
+        return str(configured)
+    return f"db+sqlite:///{Path(data_dir).expanduser().resolve() / 'results.db'}"
+
+
 __all__ = [
     "AB_CHECK",
+    "ALL_QUEUES",
     "DEFAULT_QUEUE",
     "GENERATE_PAIRS",
     "SWEEP",
     "TASK_QUEUES",
     "TRAIN_ROUND",
     "Queue",
+    "broker_url",
+    "result_backend_url",
 ]

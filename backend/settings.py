@@ -275,11 +275,15 @@ class Settings(BaseSettings):
 
     @property
     def celery_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        from backend.queues import broker_url
+
+        return broker_url(self.broker_url, self.data_dir)
 
     @property
     def celery_result_backend(self) -> str:
-        return self.result_backend or f"db+sqlite:///{self.data_dir / 'results.db'}"
+        from backend.queues import result_backend_url
+
+        return result_backend_url(self.result_backend, self.data_dir)
 
     @property
     def trusted_proxy_list(self) -> list[str]:

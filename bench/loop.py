@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.queues import ALL_QUEUES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ADMIN_PASSWORD = "bench-loop-admin-password"
 TASK_TIMEOUT_S = 900.0
@@ -139,7 +141,7 @@ class LoopStack:
                 "worker.celery_app",
                 "worker",
                 "-Q",
-                "gpu,cpu",
+                ALL_QUEUES,
                 "--pool=solo",
                 "--loglevel=INFO",
                 "--without-gossip",
@@ -168,7 +170,7 @@ class LoopStack:
         return self.celery.send_task(name, args=list(args)).get(timeout=timeout)
 
     def refill(self) -> int:
-        from worker.queues import GENERATE_PAIRS
+        from backend.queues import GENERATE_PAIRS
 
         return int(self.task(GENERATE_PAIRS))
 

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.queues import ALL_QUEUES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KILL_ENV = "PREFLOOP_TEST_KILL_AT"
 POINTS = ("training", "evaluation", "after_artifact")
@@ -150,7 +152,7 @@ class Worker:
             "worker",
             "--pool=solo",
             "-Q",
-            "gpu,cpu",
+            ALL_QUEUES,
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
@@ -208,11 +210,11 @@ def run_scenario(point: str, checkpoint: Path, root: Path, *, rng: random.Random
         User,
         Vote,
     )
+    from backend.queues import GENERATE_PAIRS
     from backend.round_config import RoundConfig
     from backend.services import rounds as round_service
     from backend.settings import Settings
     from worker.celery_app import create_celery
-    from worker.queues import GENERATE_PAIRS
     from worker.round_schedule import sweep
 
     started = time.monotonic()

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.queues import ALL_QUEUES, GENERATE_PAIRS
 from prefloop_client import ApiError, PrefloopClient
 from worker.shapes.tastes import DEMO_MIX, TasteMix, available_tastes
 
@@ -346,7 +347,6 @@ def ab_phase(
     beside the usual ones, the same simulated annotators keep voting (blind: they see a prompt
     and two images), and the sequential test decides. Returns ``GET /versions/{id}/ab``."""
     from worker.celery_app import create_celery
-    from worker.queues import GENERATE_PAIRS
 
     create_celery(settings).send_task(GENERATE_PAIRS)  # the A/B pairs now, not at beat's tick
     stop = threading.Event()
@@ -503,7 +503,7 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
             *celery,
             "worker",
             "-Q",
-            "gpu,cpu",
+            ALL_QUEUES,
             "--pool=solo",
             "--loglevel=INFO",
             "--without-gossip",
@@ -517,7 +517,6 @@ def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children
 
     # The first pool refill now rather than at beat's first tick.
     from worker.celery_app import create_celery
-    from worker.queues import GENERATE_PAIRS
 
     create_celery(settings).send_task(GENERATE_PAIRS)
     wait_for_health(url, children)

@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from backend.fileio import atomic_write
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 
 _EXTENSIONS = {
@@ -91,9 +93,7 @@ class ImageStore:
         if not content:
             raise NotAnImage("the API returned an empty image")
         path = self.root / f"{stem}{image_extension(content, content_type)}"
-        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+        atomic_write(path, content, durable=False)  # a cache: atomic, not fsynced
         self._evict()
         return str(path)
 

@@ -26,7 +26,15 @@ from typing import Any
 from celery import Celery
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
-from worker.queues import AB_CHECK, DEFAULT_QUEUE, GENERATE_PAIRS, SWEEP, TASK_QUEUES
+from backend.queues import (
+    AB_CHECK,
+    DEFAULT_QUEUE,
+    GENERATE_PAIRS,
+    SWEEP,
+    TASK_QUEUES,
+    broker_url,
+    result_backend_url,
+)
 
 #: How often the embedded (SQLAlchemy) broker is polled for new messages, in seconds.
 DEFAULT_SQLA_POLLING_INTERVAL_S = 0.2
@@ -50,17 +58,14 @@ def _data_dir(settings: Any) -> Path:
 
 
 def broker_url_for(settings: Any) -> str:
-    """The broker URL: the configured one, else the embedded SQLite broker in the data dir."""
-    url = getattr(settings, "celery_broker_url", None) or getattr(settings, "broker_url", None)
-    return str(url) if url else f"sqla+sqlite:///{_data_dir(settings) / 'broker.db'}"
+    """The broker URL: the configured one, else the embedded SQLite broker in the data dir
+    (derived by :func:`backend.queues.broker_url`, as the API's)."""
+    return broker_url(getattr(settings, "broker_url", None), _data_dir(settings))
 
 
 def result_backend_for(settings: Any) -> str:
     """The result backend URL: the configured one, else SQLite in the data dir."""
-    url = getattr(settings, "celery_result_backend", None) or getattr(
-        settings, "result_backend", None
-    )
-    return str(url) if url else f"db+sqlite:///{_data_dir(settings) / 'results.db'}"
+    return result_backend_url(getattr(settings, "result_backend", None), _data_dir(settings))
 
 
 def is_sqla_broker(url: str) -> bool:

@@ -1,6 +1,6 @@
 """Celery tasks: each is one line that calls a service function, with ids as arguments.
 
-Names and queues come from :mod:`worker.queues`; ``worker.celery_app`` imports this module in
+Names and queues come from :mod:`backend.queues`; ``worker.celery_app`` imports this module in
 every worker (``app.conf.imports``). The tasks are ``shared_task`` so that an app built by
 :func:`worker.celery_app.create_celery` (tests, tools) gets them too.
 
@@ -27,10 +27,10 @@ from sqlalchemy.exc import OperationalError
 
 from backend.db import Database
 from backend.dispatch import CeleryDispatcher
+from backend.queues import AB_CHECK, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND
 from backend.services import publishing
 from backend.settings import Settings, get_settings
 from worker import pair_pool, round_schedule, rounds
-from worker.queues import AB_CHECK, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND
 
 #: Transient errors worth retrying a task for: the database went away or stayed locked.
 TRANSIENT_ERRORS = (OperationalError,)

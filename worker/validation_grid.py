@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from backend.fileio import fsync_dir
+
 __all__ = [
     "GRID",
     "MANIFEST",
@@ -202,19 +204,6 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove_stale(parent: Path, name: str) -> None:
     """Remove temporary and trash directories left by interrupted renders of ``name``."""
     now = time.time()
@@ -306,7 +295,7 @@ def render_validation_grid(
         _write_bytes(tmp / GRID, _png(grid))
         _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the API may run as another user
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists() or dest.is_symlink():
             trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
             os.rename(dest, trash / dest.name)
@@ -316,7 +305,7 @@ def render_validation_grid(
             if trash is not None:  # put the old samples back
                 os.rename(trash / dest.name, dest)
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,6 +31,15 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
+from backend.queues import (
+    AB_CHECK,
+    ALL_QUEUES,
+    GENERATE_PAIRS,
+    SWEEP,
+    TASK_QUEUES,
+    TRAIN_ROUND,
+    Queue,
+)
 from backend.settings import Settings
 from worker import celery_app as celery_module
 from worker.celery_app import (
@@ -40,7 +49,6 @@ from worker.celery_app import (
     create_celery,
     result_backend_for,
 )
-from worker.queues import AB_CHECK, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND, Queue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -103,12 +111,40 @@ def test_task_names_and_queues_are_stable() -> None:
     assert Queue("gpu") is Queue.GPU and Queue.CPU == "cpu"
 
 
-def test_api_dispatcher_uses_the_same_names() -> None:
-    # The backend sends by name without importing the worker package; the names must agree.
-    from backend import dispatch
+def test_api_dispatcher_uses_the_same_names(tmp_path: Path) -> None:
+    # The backend sends by name without importing the worker package; what it sends must be
+    # what the workers register and consume.
+    from backend.dispatch import CeleryDispatcher
 
-    assert dispatch.TRAIN_ROUND_TASK == TRAIN_ROUND
-    assert dispatch.GPU_QUEUE == Queue.GPU.value == TASK_QUEUES[TRAIN_ROUND].value
+    sent: list[tuple[str, list[Any], str]] = []
+
+    class Recorder:
+        def send_task(self, name: str, args: list[Any], queue: str) -> Any:
+            sent.append((name, args, queue))
+            return SimpleNamespace(id="t-1")
+
+    dispatcher = CeleryDispatcher(Settings.model_validate({"data_dir": tmp_path}))
+    dispatcher._app = Recorder()
+    assert dispatcher.dispatch_round(7) == "t-1"
+    assert sent == [(TRAIN_ROUND, [7], TASK_QUEUES[TRAIN_ROUND].value)]
+
+    app = create_celery(embedded(tmp_path))
+    app.loader.import_default_modules()
+    for name, queue in TASK_QUEUES.items():
+        assert app.tasks[name].queue == queue.value, name
+        assert app.amqp.router.route({}, name)["queue"].name == queue.value
+
+
+def test_names_module_is_torch_and_celery_free() -> None:
+    # The API imports it; it must not pull the worker's dependencies.
+    code = (
+        "import sys, backend.queues, backend.dispatch\n"
+        "bad = [m for m in ('torch', 'celery', 'diffusers', 'worker') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2]
+    )
 
 
 def test_beat_schedule(tmp_path: Path) -> None:
@@ -312,7 +348,7 @@ def test_production_module_serves_a_worker(tmp_path: Path) -> None:
     env = worker_env(PREFLOOP_DATA_DIR=str(tmp_path))
     producer = create_celery(embedded(tmp_path))
     try:
-        with celery_worker("worker.celery_app", "gpu,cpu", log_path, env) as process:
+        with celery_worker("worker.celery_app", ALL_QUEUES, log_path, env) as process:
             result = producer.send_task("celery.accumulate", args=[3, 5], kwargs={"index": 1})
             assert wait_for(result, process, log_path) == 5
     finally:

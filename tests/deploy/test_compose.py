@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
-from worker.queues import Queue
+from backend.queues import Queue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"

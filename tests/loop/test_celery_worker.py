@@ -29,8 +29,8 @@ from sqlalchemy import func, select
 from backend.db import Database
 from backend.dispatch import CeleryDispatcher
 from backend.models import ModelVersion, Pair, RoundMetric, RoundStatus, TrainingRound
+from backend.queues import ALL_QUEUES, GENERATE_PAIRS, TRAIN_ROUND
 from worker.celery_app import create_celery
-from worker.queues import GENERATE_PAIRS, TRAIN_ROUND
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TASK_TIMEOUT_S = 180.0
@@ -78,7 +78,7 @@ def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
         "worker",
         "--pool=solo",
         "-Q",
-        "gpu,cpu",
+        ALL_QUEUES,
         "--loglevel=INFO",
         "--without-gossip",
         "--without-mingle",
