@@ -192,9 +192,7 @@ def dawid_skene_accuracies(
     return acc, q
 
 
-def label_dawid_skene(
-    votes: Iterable[PairVote], *, iterations: int = DS_ITERATIONS
-) -> Aggregation:
+def label_dawid_skene(votes: Iterable[PairVote], *, iterations: int = DS_ITERATIONS) -> Aggregation:
     """One label per pair from :func:`dawid_skene_accuracies` (see the module docstring)."""
     by_pair = _by_pair(votes)
     all_votes = [v for vs in by_pair.values() for v in vs]

@@ -75,6 +75,9 @@ class UserRole(enum.StrEnum):
 class UserStatus(enum.StrEnum):
     active = "active"
     banned = "banned"
+    #: Keeps voting, unaware; the votes never train or count (only ``active`` annotators'
+    #: votes reach training, A/B tests, rankings and agreement).
+    shadow_banned = "shadow_banned"
 
 
 class VersionStatus(enum.StrEnum):

@@ -33,6 +33,8 @@ ROUND_ONLY_FIELDS: frozenset[str] = frozenset(
         "min_heldout_gain",
         "fidelity_units",
         "fidelity_sampling_steps",
+        "label_rule",
+        "exclude_flagged",
     }
 )
 #: RoundConfig fields stored under another name (and form) in TrainConfig: API name -> trainer's.
@@ -123,6 +125,18 @@ class RoundConfig(BaseModel):
 
     # ---------------------------------------------------------------- the round's data
     min_pairs: int = Field(1, ge=1, le=10_000_000, description="Fail fast below this many pairs.")
+    label_rule: Literal["each", "majority", "dawid_skene"] = Field(
+        "each",
+        description="How a pair's votes become training labels (backend/aggregation.py, "
+        "docs/data-quality.md): each (every vote trains), majority (one label per pair, a tie "
+        "at the top drops the pair), dawid_skene (one label per pair, votes weighted by each "
+        "annotator's estimated accuracy).",
+    )
+    exclude_flagged: bool = Field(
+        False,
+        description="Leave out the votes of annotators flagged as unreliable (gold accuracy, "
+        "the outlier test, implausibly fast votes; docs/data-quality.md).",
+    )
     max_epochs: float | None = Field(
         2.0,
         gt=0,

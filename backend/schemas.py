@@ -124,6 +124,14 @@ class UserWithStats(UserPublic):
     agreement_with_majority: float | None
     p_value: float | None = Field(description="One-sided binomial test against the others.")
     outlier: bool | None
+    fast_votes: int = Field(0, description="Votes faster than PREFLOOP_FAST_VOTE_MS.")
+    timed_votes: int = Field(0, description="Votes with a recorded latency.")
+    krippendorff_alpha: float | None = Field(
+        None, description="Krippendorff's alpha of the comparisons involving this annotator."
+    )
+    flags: list[str] = Field(
+        default_factory=list, description="Why the annotator is unreliable: gold, outlier, fast."
+    )
 
 
 class UsersPublic(BaseModel):

@@ -96,6 +96,24 @@ class Settings(BaseSettings):
     weekly_vote_cap: int = Field(10000, ge=0, description="Pairs served per user per 7 days.")
     retry_after_seconds: int = Field(5, ge=1, description="Retry-After when no pair is ready.")
 
+    # Data quality (docs/data-quality.md)
+    fast_vote_ms: int = Field(
+        700,
+        ge=0,
+        le=600_000,
+        description="A vote answered in less than this many milliseconds is implausibly fast; "
+        "an annotator with at least half of their timed votes this fast is flagged. 0: off.",
+    )
+    gold_accuracy_floor: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="An annotator with at least 5 gold votes and a lower gold accuracy is flagged.",
+    )
+    kappa_min_overlap: int = Field(
+        20, ge=2, description="Pairs two annotators must share for their Cohen's kappa."
+    )
+
     # Training
     base_model: str = Field("builtin:shapes", min_length=1)
     round_every_n_pairs: int = Field(

@@ -19,8 +19,11 @@ The round's code, by job:
 1. **Claim** (:mod:`worker.round_state`). The round becomes ``running`` under this task's id,
    unless it is finished, owned by another live worker, or out of attempts.
 2. **Dataset snapshot.** Within-version votes with ``id <= snapshot_max_vote_id`` (so a retry
-   sees the same data), by annotators who are not banned: left/right as (winner, loser), ties
-   only when ``config.include_ties``, both-bad and skip never. Images are read from storage.
+   sees the same data), by active annotators (flagged ones left out with
+   ``config.exclude_flagged``): left/right as (winner, loser), ties only when
+   ``config.include_ties``, both-bad and skip never, made into labels by
+   ``config.label_rule`` (``metrics["labels"]`` counts what it kept). Images are read from
+   storage.
 3. **Train** from the parent version (its lineage fused, :mod:`worker.model_registry`) with
    :func:`worker.alignment.trainer.train`, in ``<models_dir>/rounds/round-<id>`` where the
    trainer keeps resumable checkpoints: a round taken over from a dead worker resumes there.
@@ -86,6 +89,7 @@ from backend.round_config import RoundConfig, epoch_capped_steps
 from backend.services import rounds as round_service
 from backend.services import versions as version_service
 from backend.services.common import dialect_insert
+from backend.services.quality import quality_report
 from backend.settings import Settings
 from backend.storage import ImageStore
 from worker import auto_metrics, model_registry
@@ -159,33 +163,44 @@ def _load_image(store: ImageStore, rel: str) -> np.ndarray:
         return np.array(im.convert("RGB"))  # a writable copy (the trainer wraps it)
 
 
-def snapshot_rows(session: Session, *, max_vote_id: int, include_ties: bool) -> list[Any]:
-    """The round's votes: ``(choice, winner_image_id, prompt, a_id, a_path, b_id, b_path)``.
+def snapshot_rows(
+    session: Session,
+    *,
+    max_vote_id: int,
+    include_ties: bool,
+    label_rule: str = "each",
+    exclude_users: frozenset[int] = frozenset(),
+) -> tuple[list[Any], dict[str, Any]]:
+    """The round's labels: ``(choice, winner_image_id, prompt, a_id, a_path, b_id, b_path)``,
+    and the label counts for its metrics.
 
     :func:`backend.services.rounds.training_votes` (the one definition of the votes a round
-    trains on: within-version pairs, annotators not banned, left/right plus ties when
-    ``include_ties``) up to ``max_vote_id``, with each pair's prompt and images.
+    trains on: within-version pairs, active annotators, left/right plus ties when
+    ``include_ties``) up to ``max_vote_id``, with each pair's prompt and images, made into
+    labels by :func:`backend.services.rounds.label_snapshot` (``label_rule``, the votes of
+    ``exclude_users`` left out).
     """
     img_a, img_b = aliased(Image), aliased(Image)
-    return list(
-        session.execute(
-            round_service.training_votes(
-                Vote.choice,
-                Vote.winner_image_id,
-                Prompt.text,
-                img_a.id,
-                img_a.storage_path,
-                img_b.id,
-                img_b.storage_path,
-                include_ties=include_ties,
-                max_vote_id=max_vote_id,
-            )
-            .join(Prompt, Prompt.id == Pair.prompt_id)
-            .join(img_a, img_a.id == Pair.image_a_id)
-            .join(img_b, img_b.id == Pair.image_b_id)
-            .order_by(Vote.id)
-        ).all()
-    )
+    rows = session.execute(
+        round_service.training_votes(
+            Vote.pair_id,
+            Vote.user_id,
+            Vote.choice,
+            Vote.winner_image_id,
+            Prompt.text,
+            img_a.id,
+            img_a.storage_path,
+            img_b.id,
+            img_b.storage_path,
+            include_ties=include_ties,
+            max_vote_id=max_vote_id,
+        )
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(img_a, img_a.id == Pair.image_a_id)
+        .join(img_b, img_b.id == Pair.image_b_id)
+        .order_by(Vote.id)
+    ).all()
+    return round_service.label_snapshot(rows, label_rule, exclude_users=exclude_users)
 
 
 def load_snapshot(rows: list[Any], settings: Settings) -> Snapshot:
@@ -503,8 +518,19 @@ def _execute(
         if parent is None:
             raise RoundFailed(f"parent version {parent_id} not found")
         parent_base = parent.base_model
-        rows = snapshot_rows(
-            session, max_vote_id=claim.snapshot_max_vote_id, include_ties=cfg.include_ties
+        flagged = (
+            frozenset(
+                quality_report(session, settings, max_vote_id=claim.snapshot_max_vote_id).flagged()
+            )
+            if rc.exclude_flagged
+            else frozenset()
+        )
+        rows, label_counts = snapshot_rows(
+            session,
+            max_vote_id=claim.snapshot_max_vote_id,
+            include_ties=cfg.include_ties,
+            label_rule=rc.label_rule,
+            exclude_users=flagged,
         )
         chain = model_registry.lineage(session, parent_id, settings.models_dir)
         session.rollback()
@@ -545,6 +571,7 @@ def _execute(
         "pairs": trainable,
         "heldout_pairs": len(heldout),
         "votes": snapshot.votes,
+        "labels": label_counts,
         "parent_version_id": parent_id,
         "attempt": claim.attempt,
         "steps_requested": rc.steps,

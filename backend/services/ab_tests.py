@@ -15,7 +15,7 @@ and votes that arrive afterwards (pairs served before the decision) never change
 
 Observations, from the tested version's side: a left/right vote whose chosen image is the
 tested version's is a win, the parent's a loss; a tie is a tie; both-bad and skip are not
-observations. Votes of banned annotators are left out. Only the first vote on a pair counts
+observations. Votes of banned and shadow-banned annotators are left out. Only the first vote on a pair counts
 (the pool serves an A/B pair to one annotator only, so a second is a rare race): every
 observation is a fresh (prompt, seeds, annotator) draw, which the test's guarantee assumes.
 
@@ -156,7 +156,7 @@ def _observed(test_id: int) -> Any:
             Pair.ab_test_id == test_id,
             Pair.kind == PairKind.ab,
             Vote.choice.in_(OBSERVED_CHOICES),
-            User.status != UserStatus.banned,
+            User.status == UserStatus.active,
         )
     )
 

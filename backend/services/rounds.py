@@ -8,12 +8,14 @@ never change what a round sees, and a retried round sees the same data.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
+from backend import aggregation
 from backend.dispatch import Dispatcher
 from backend.models import (
     Choice,
@@ -39,8 +41,8 @@ def training_votes(
     """``SELECT columns`` over *the votes a round trains on*: the one definition, used for the
     count admins see (``snapshot_vote_count``), the schedule, and the worker's snapshot.
 
-    Votes on within-version pairs (never A/B, cross-version or gold pairs), by annotators who
-    are not banned, left or right, plus ties when ``include_ties``; both-bad and skip never;
+    Votes on within-version pairs (never A/B, cross-version or gold pairs), by active annotators
+    (never banned or shadow-banned ones), left or right, plus ties when ``include_ties``; both-bad and skip never;
     with ``id <= max_vote_id`` when given. ``votes`` is joined to ``pairs`` and ``users``;
     callers join more (prompts, images) and order as they need.
     """
@@ -53,12 +55,68 @@ def training_votes(
         .where(
             Pair.kind == PairKind.within_version,
             Vote.choice.in_(choices),
-            User.status != UserStatus.banned,
+            User.status == UserStatus.active,
         )
     )
     if max_vote_id is not None:
         q = q.where(Vote.id <= max_vote_id)
     return q
+
+
+def label_snapshot(
+    rows: Iterable[Sequence[Any]],
+    label_rule: str,
+    *,
+    exclude_users: Collection[int] = frozenset(),
+) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
+    """A round's training votes made into training labels by ``label_rule``
+    (:mod:`backend.aggregation`).
+
+    ``rows``: ``(pair_id, user_id, choice, winner_image_id, *rest)`` in vote order, where
+    ``rest`` starts with ``(prompt, image_a_id, image_a_path, image_b_id, image_b_path)`` (the
+    worker's snapshot). Votes of ``exclude_users`` (flagged annotators) are dropped first.
+    Returns ``(labels, summary)``: one ``(choice, winner_image_id, *rest)`` per label (``each``:
+    the votes themselves; the other rules: one per kept pair, ``left`` with the winner image or
+    ``tie``, in the order of each pair's first vote), and the counts for the round's metrics
+    (:meth:`backend.aggregation.Aggregation.summary` plus ``excluded_votes`` and
+    ``excluded_annotators``)."""
+    votes: list[aggregation.PairVote] = []
+    first: dict[int, tuple[Any, ...]] = {}
+    kept_rows: list[tuple[Any, ...]] = []
+    excluded_votes = 0
+    excluded_users: set[int] = set()
+    for pair_id, user_id, choice, winner, *rest in rows:
+        if user_id in exclude_users:
+            excluded_votes += 1
+            excluded_users.add(user_id)
+            continue
+        a_id, b_id = rest[1], rest[3]
+        if Choice(choice) == Choice.tie:
+            label = "tie"
+        elif winner in (a_id, b_id):
+            label = "a" if winner == a_id else "b"
+        else:
+            log.warning("vote with winner %s outside its pair (%s, %s) skipped", winner, a_id, b_id)
+            continue
+        votes.append(aggregation.PairVote(pair_id, user_id, label))
+        kept_rows.append((choice, winner, *rest))
+        first.setdefault(pair_id, tuple(rest))
+    result = aggregation.aggregate(votes, label_rule)
+    if label_rule == "each":
+        labels = kept_rows
+    else:
+        labels = []
+        for lab in result.labels:
+            rest = first[lab.pair_id]
+            if lab.label == "tie":
+                labels.append((Choice.tie.value, None, *rest))
+            else:
+                winner = rest[1] if lab.label == "a" else rest[3]
+                labels.append((Choice.left.value, winner, *rest))
+    summary = result.summary()
+    summary["excluded_votes"] = excluded_votes
+    summary["excluded_annotators"] = len(excluded_users)
+    return labels, summary
 
 
 def _training_votes(config: RoundConfig | None = None) -> Select[Any]:

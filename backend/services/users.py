@@ -10,9 +10,10 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from backend.models import Choice, Pair, PairAssignment, User, UserRole, UserStatus, Vote
+from backend.models import PairAssignment, User, UserRole, UserStatus, Vote
 from backend.security import PasswordService
 from backend.services.errors import Conflict, NotFound
+from backend.services.quality import AnnotatorQuality, quality_report
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,18 @@ def update_user(
     acting_user_id: int,
     changes: dict[str, Any],
 ) -> User:
-    """Apply ``changes`` (status, role, daily_cap, weekly_cap, password). An admin cannot ban
-    or demote themself (that could lock every admin out). A new password, a new role or a
-    ban ends the user's sessions (:func:`end_sessions`)."""
+    """Apply ``changes`` (status, role, daily_cap, weekly_cap, password). Status: ``active``
+    (unban), ``banned`` (no access; votes never train or count), ``shadow_banned`` (keeps
+    voting, unaware; the votes never train or count: every training, A/B, ranking and
+    agreement query takes active annotators only). An admin cannot ban, shadow-ban or demote
+    themself (that could lock every admin out). A new password, a new role or a ban ends the
+    user's sessions (:func:`end_sessions`)."""
     user = get_user(session, user_id)
     if user_id == acting_user_id and (
-        changes.get("status") == UserStatus.banned or changes.get("role") == UserRole.annotator
+        changes.get("status") in (UserStatus.banned, UserStatus.shadow_banned)
+        or changes.get("role") == UserRole.annotator
     ):
-        raise Conflict("you cannot ban or demote yourself")
+        raise Conflict("you cannot ban, shadow-ban or demote yourself")
     ends_sessions = (
         changes.get("password") is not None
         or ("role" in changes and changes["role"] != user.role)
@@ -137,26 +142,15 @@ class UserStats:
     votes: int
     votes_today: int
     served: int
-    gold_seen: int
-    gold_correct: int
-    agreement_with_majority: float | None
-    p_value: float | None
-    outlier: bool | None
-
-
-def _vote_code(choice: str, winner: int | None, image_a: int) -> str:
-    """A vote in pair terms ("a", "b", "tie", "both_bad"), independent of the side order."""
-    if choice in (Choice.left, Choice.right):
-        return "a" if winner == image_a else "b"
-    return str(choice)
+    quality: AnnotatorQuality | None
 
 
 def list_users_with_stats(
-    session: Session, *, offset: int, limit: int, since: Any
+    session: Session, settings: Settings, *, offset: int, limit: int, since: Any
 ) -> tuple[list[UserStats], int]:
-    """A page of users with volume and reliability. Reliability comes from
-    :func:`backend.agreement.annotator_reliability` over every non-skip vote on the pairs the
-    page's users voted on (gold pairs against their answer, others leave-one-out majority)."""
+    """A page of users with volume, and reliability, agreement and flags from the cached
+    :func:`backend.services.quality.quality_report` (computed once per data version, not per
+    page)."""
     total = session.scalar(select(func.count()).select_from(User)) or 0
     users = list(session.scalars(select(User).order_by(User.id).offset(offset).limit(limit)))
     if not users:
@@ -183,55 +177,17 @@ def list_users_with_stats(
             .group_by(PairAssignment.user_id)
         ).all()
     )
-    reliability = _reliability(session, ids)
+    report = quality_report(session, settings)
     out = []
     for u in users:
         v = volume.get(u.id)
-        r = reliability.get(u.id)
         out.append(
             UserStats(
                 user=u,
                 votes=int(v.votes) if v else 0,
                 votes_today=int(v.today) if v else 0,
                 served=int(served.get(u.id, 0)),
-                gold_seen=r.gold_seen if r else 0,
-                gold_correct=r.gold_correct if r else 0,
-                agreement_with_majority=r.agreement_with_majority if r else None,
-                p_value=r.p_value if r else None,
-                outlier=r.outlier if r else None,
+                quality=report.annotators.get(u.id),
             )
         )
     return out, total
-
-
-def _reliability(session: Session, user_ids: list[int]) -> dict[int, Any]:
-    from backend import agreement
-
-    voted_pairs = select(Vote.pair_id).where(Vote.user_id.in_(user_ids)).distinct()
-    rows = session.execute(
-        select(
-            Vote.user_id,
-            Vote.pair_id,
-            Vote.choice,
-            Vote.winner_image_id,
-            Pair.image_a_id,
-            Pair.gold_answer,
-        )
-        .join(Pair, Pair.id == Vote.pair_id)
-        .where(Vote.pair_id.in_(voted_pairs), Vote.choice != Choice.skip)
-    ).all()
-    coded = [
-        (r.user_id, r.pair_id, _vote_code(r.choice, r.winner_image_id, r.image_a_id), r.gold_answer)
-        for r in rows
-    ]
-    majority = agreement.leave_one_out_majority(
-        (u, p, c) for u, p, c, gold in coded if gold is None
-    )
-    records = [
-        agreement.VoteRecord(
-            u, p, c, str(gold) if gold is not None else majority.get((u, p)), gold is not None
-        )
-        for u, p, c, gold in coded
-    ]
-    wanted = set(user_ids)
-    return {r.user_id: r for r in agreement.annotator_reliability(records) if r.user_id in wanted}

@@ -43,6 +43,28 @@ def test_migrations_downgrade_and_upgrade_again(db_url):
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+    finally:
+        engine.dispose()
+
+
+def test_status_check_takes_shadow_banned_and_nothing_else(db_url):
+    """0004: the widened ``users.status`` CHECK accepts ``shadow_banned``, still rejects junk."""
+    import pytest
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    engine = create_engine(db_url)
+    insert = text(
+        "INSERT INTO users (username, password_hash, role, status, token_version, created_at) "
+        "VALUES (:u, 'x', 'annotator', :s, 0, CURRENT_TIMESTAMP)"
+    )
+    try:
+        with engine.connect() as conn:
+            trans = conn.begin()
+            conn.execute(insert, {"u": "shadow-0004", "s": "shadow_banned"})
+            with pytest.raises(IntegrityError):
+                conn.execute(insert, {"u": "junk-0004", "s": "sleeping"})
+            trans.rollback()
     finally:
         engine.dispose()

@@ -106,3 +106,25 @@ def test_bad_rule_and_bad_label_are_errors():
     with pytest.raises(ValueError, match="vote label"):
         aggregate([PairVote(1, 1, "left")], "majority")
     assert aggregate([], "dawid_skene").labels == []
+
+
+def test_label_snapshot_turns_votes_into_the_workers_rows():
+    from backend.services.rounds import label_snapshot
+
+    # pair 1: images 10 (a) / 11 (b); three votes: a, a, b. pair 2: 20 / 21; one b vote by a
+    # flagged user 9 (excluded). Rows: (pair, user, choice, winner, prompt, a, a_path, b, b_path).
+    rest1 = ("p1", 10, "x/10.png", 11, "x/11.png")
+    rest2 = ("p2", 20, "x/20.png", 21, "x/21.png")
+    rows = [
+        (1, 1, "left", 10, *rest1),
+        (1, 2, "right", 10, *rest1),
+        (1, 3, "left", 11, *rest1),
+        (2, 9, "left", 21, *rest2),
+    ]
+    labels, summary = label_snapshot(rows, "majority", exclude_users={9})
+    assert labels == [("left", 10, *rest1)]
+    assert summary["pairs_kept"] == 1 and summary["votes_kept"] == 3
+    assert (summary["excluded_votes"], summary["excluded_annotators"]) == (1, 1)
+    each, s_each = label_snapshot(rows, "each")
+    assert [r[:2] for r in each] == [("left", 10), ("right", 10), ("left", 11), ("left", 21)]
+    assert s_each["contradicted_pairs"] == 1

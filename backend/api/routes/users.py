@@ -30,27 +30,37 @@ def create_user(
 
 @router.get("", response_model=UsersPublic)
 def list_users(
-    session: SessionDep, admin: AdminUser, offset: Offset = 0, limit: Limit = 100
+    session: SessionDep, state: StateDep, admin: AdminUser, offset: Offset = 0, limit: Limit = 100
 ) -> UsersPublic:
     """Users with their volume and reliability (gold accuracy, agreement with the other
-    annotators' majority, and the bad-voter test of :mod:`backend.agreement`)."""
+    annotators' majority, the bad-voter test, implausibly fast votes, Krippendorff's alpha)
+    and the flags that follow (docs/data-quality.md)."""
     day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    rows, count = user_service.list_users_with_stats(session, offset=offset, limit=limit, since=day)
-    data = [
-        UserWithStats(
-            **UserPublic.model_validate(r.user).model_dump(),
-            votes=r.votes,
-            votes_today=r.votes_today,
-            served=r.served,
-            gold_seen=r.gold_seen,
-            gold_correct=r.gold_correct,
-            gold_accuracy=(r.gold_correct / r.gold_seen) if r.gold_seen else None,
-            agreement_with_majority=r.agreement_with_majority,
-            p_value=r.p_value,
-            outlier=r.outlier,
+    rows, count = user_service.list_users_with_stats(
+        session, state.settings, offset=offset, limit=limit, since=day
+    )
+    data = []
+    for r in rows:
+        q = r.quality
+        rel = q.reliability if q else None
+        data.append(
+            UserWithStats(
+                **UserPublic.model_validate(r.user).model_dump(),
+                votes=r.votes,
+                votes_today=r.votes_today,
+                served=r.served,
+                gold_seen=rel.gold_seen if rel else 0,
+                gold_correct=rel.gold_correct if rel else 0,
+                gold_accuracy=rel.gold_accuracy if rel else None,
+                agreement_with_majority=rel.agreement_with_majority if rel else None,
+                p_value=rel.p_value if rel else None,
+                outlier=rel.outlier if rel else None,
+                fast_votes=q.fast_votes if q else 0,
+                timed_votes=q.timed_votes if q else 0,
+                krippendorff_alpha=q.alpha if q else None,
+                flags=q.flags if q else [],
+            )
         )
-        for r in rows
-    ]
     return UsersPublic(data=data, count=count)
 
 
@@ -63,7 +73,8 @@ def me(user: CurrentUser) -> UserPublic:
 def update_user(
     user_id: IdPath, body: UserUpdate, session: SessionDep, state: StateDep, admin: AdminUser
 ) -> UserPublic:
-    """Ban / unban (``status``), change role, caps or password."""
+    """Ban, shadow-ban or unban (``status``: ``banned`` / ``shadow_banned`` / ``active``),
+    change role, caps or password."""
     user = user_service.update_user(
         session,
         state.passwords,

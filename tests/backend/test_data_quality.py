@@ -1,0 +1,134 @@
+"""Issue 12 on the API and a real database: shadow-ban, flags, agreement, label rules."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import aliased
+
+from backend.models import Image, Pair, Prompt, Vote
+from backend.services import rounds as round_service
+
+
+def _vote_all(client, headers, n, choice="left", latency_ms=None):
+    for _ in range(n):
+        r = client.get("/api/v1/pairs/next", headers=headers)
+        assert r.status_code == 200, r.text
+        body = {"pair_id": r.json()["pair_id"], "choice": choice}
+        if latency_ms is not None:
+            body["latency_ms"] = latency_ms
+        assert client.post("/api/v1/votes", headers=headers, json=body).status_code in (200, 201)
+
+
+def _snapshot(env, label_rule="each", exclude=frozenset()):
+    """The worker's snapshot query (worker.rounds.snapshot_rows without its torch imports)."""
+    img_a, img_b = aliased(Image), aliased(Image)
+    with env.state.db.read_session() as s:
+        rows = s.execute(
+            round_service.training_votes(
+                Vote.pair_id,
+                Vote.user_id,
+                Vote.choice,
+                Vote.winner_image_id,
+                Prompt.text,
+                img_a.id,
+                img_a.storage_path,
+                img_b.id,
+                img_b.storage_path,
+                include_ties=False,
+            )
+            .join(Prompt, Prompt.id == Pair.prompt_id)
+            .join(img_a, img_a.id == Pair.image_a_id)
+            .join(img_b, img_b.id == Pair.image_b_id)
+            .order_by(Vote.id)
+        ).all()
+        users = {r.pair_id: r.user_id for r in rows}
+    labels, summary = round_service.label_snapshot(rows, label_rule, exclude_users=exclude)
+    return labels, summary, users
+
+
+def test_shadow_banned_annotator_keeps_voting_and_never_trains(env, client):
+    env.pairs(6)
+    ok_id, ok = env.user("ok")
+    sh_id, sh = env.user("shadow")
+    admin = env.admin_headers()
+    r = client.patch(f"/api/v1/users/{sh_id}", headers=admin, json={"status": "shadow_banned"})
+    assert r.status_code == 200 and r.json()["status"] == "shadow_banned"
+    _vote_all(client, ok, 2)
+    _vote_all(client, sh, 3)  # still served, still stored
+    with env.state.db.read_session() as s:
+        assert len(s.scalars(select(Vote.id).where(Vote.user_id == sh_id)).all()) == 3
+    rid = client.post("/api/v1/rounds", headers=admin).json()["round_id"]
+    assert client.get(f"/api/v1/rounds/{rid}", headers=admin).json()["snapshot_vote_count"] == 2
+    for rule in ("each", "majority", "dawid_skene"):
+        labels, summary, _ = _snapshot(env, rule)
+        assert summary["votes_in"] == 2 and len(labels) == 2
+    users = {u["id"]: u for u in client.get("/api/v1/users", headers=admin).json()["data"]}
+    assert users[sh_id]["status"] == "shadow_banned" and users[sh_id]["votes"] == 3
+    # unban: the votes train again
+    client.patch(f"/api/v1/users/{sh_id}", headers=admin, json={"status": "active"})
+    assert _snapshot(env)[1]["votes_in"] == 5
+
+
+def test_status_changes_are_validated(env, client):
+    uid, _ = env.user("x")
+    admin = env.admin_headers()
+    r = client.patch(f"/api/v1/users/{uid}", headers=admin, json={"status": "sleeping"})
+    assert r.status_code == 422
+    me = client.get("/api/v1/users/me", headers=admin).json()["id"]
+    r = client.patch(f"/api/v1/users/{me}", headers=admin, json={"status": "shadow_banned"})
+    assert r.status_code == 409
+    r = client.patch(f"/api/v1/users/{uid}", headers=admin, json={"status": "banned"})
+    assert r.status_code == 200
+
+
+def test_fast_voter_flagged_and_excluded_from_the_snapshot(env, client):
+    env.pairs(12)
+    ok_id, ok = env.user("careful")
+    fast_id, fast = env.user("fast")
+    _vote_all(client, ok, 5, latency_ms=4000)
+    _vote_all(client, fast, 6, latency_ms=150)  # < fast_vote_ms (700) every time
+    admin = env.admin_headers()
+    users = {u["id"]: u for u in client.get("/api/v1/users", headers=admin).json()["data"]}
+    assert users[fast_id]["flags"] == ["fast"]
+    assert (users[fast_id]["fast_votes"], users[fast_id]["timed_votes"]) == (6, 6)
+    assert users[ok_id]["flags"] == [] and users[ok_id]["fast_votes"] == 0
+    stats = client.get("/api/v1/stats", headers=admin).json()["totals"]["agreement"]
+    assert stats["flagged"] == [fast_id] and stats["votes"] == 11
+    labels, summary, _ = _snapshot(env, "each", exclude=frozenset({fast_id}))
+    assert (summary["votes_in"], summary["excluded_votes"], summary["excluded_annotators"]) == (
+        5,
+        6,
+        1,
+    )
+    assert len(labels) == 5
+
+
+def test_agreement_in_stats_and_users_by_hand(env, client):
+    """Two annotators vote "left" on the same two pairs; the sides are served in random order,
+    so in pair terms ("a" / "b") they agree or not by chance. The API's alpha must equal
+    krippendorff_alpha_nominal (itself tested against hand-computed values) on those codes."""
+    from backend.agreement import krippendorff_alpha_nominal
+
+    env.pairs(2)
+    u1, h1 = env.user("one")
+    u2, h2 = env.user("two")
+    _vote_all(client, h1, 2, "left")
+    _vote_all(client, h2, 2, "left")
+    with env.state.db.read_session() as s:
+        rows = s.execute(
+            select(Vote.pair_id, Vote.winner_image_id, Pair.image_a_id)
+            .join(Pair, Pair.id == Vote.pair_id)
+            .order_by(Vote.pair_id)
+        ).all()
+    by_pair: dict[int, list[str]] = {}
+    for p, w, a in rows:
+        by_pair.setdefault(p, []).append("a" if w == a else "b")
+    expected = krippendorff_alpha_nominal(list(by_pair.values()))
+    admin = env.admin_headers()
+    got = client.get("/api/v1/stats", headers=admin).json()["totals"]["agreement"]
+    assert len(by_pair) == 2 and all(len(v) == 2 for v in by_pair.values())
+    assert got["krippendorff_alpha"] == expected
+    users = {u["id"]: u for u in client.get("/api/v1/users", headers=admin).json()["data"]}
+    # two annotators, every comparison involves both: each one's alpha is the overall alpha
+    assert users[u1]["krippendorff_alpha"] == expected == users[u2]["krippendorff_alpha"]
+    assert got["cohen_kappa"] == []  # overlap 2 < kappa_min_overlap (20)
