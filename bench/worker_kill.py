@@ -114,6 +114,8 @@ class Outcome:
     versions_at_kill: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: The round's ``finished_at - started_at`` (sizes the random delays).
+    round_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -191,7 +193,14 @@ def _wait(predicate: Any, timeout: float, what: str, log: Path) -> Any:
     raise TimeoutError(f"timed out waiting for {what}; worker log:\n{tail}")
 
 
-def run_scenario(point: str, checkpoint: Path, root: Path, *, rng: random.Random) -> Outcome:
+def run_scenario(
+    point: str,
+    checkpoint: Path,
+    root: Path,
+    *,
+    rng: random.Random,
+    max_delay: float = 6.0,
+) -> Outcome:
     """One kill at ``point`` (see the module doc) and the recovery; the outcome's notes list
     every broken promise."""
     from sqlalchemy import func, select
@@ -290,7 +299,7 @@ def run_scenario(point: str, checkpoint: Path, root: Path, *, rng: random.Random
             first.kill()
         elif point == "random":
             _wait(lambda: status() != RoundStatus.queued, TIMEOUT_S, "the round to start", log)
-            time.sleep(rng.uniform(0.0, 20.0))
+            time.sleep(rng.uniform(0.0, max_delay))
             first.kill()
         else:  # the worker kills itself at the hook
             _wait(
@@ -332,6 +341,8 @@ def run_scenario(point: str, checkpoint: Path, root: Path, *, rng: random.Random
 
         with db.read_session() as s:
             rnd = s.get(TrainingRound, round_id)
+            if rnd.started_at and rnd.finished_at:
+                out.round_seconds = (rnd.finished_at - rnd.started_at).total_seconds()
             versions = s.scalars(
                 select(ModelVersion).where(ModelVersion.created_by_round == round_id)
             ).all()
@@ -398,8 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = _build_checkpoint(root)
     tally: collections.Counter[str] = collections.Counter()
     failures = []
+    # The random delay spans a round's length on this machine: 1.2 x the longest round seen
+    # so far (6 s before the first), so some kills land after the round finished.
+    max_delay = 6.0
+    longest = 0.0
     for i in range(n):
-        out = run_scenario("random", checkpoint, root, rng=rng)
+        out = run_scenario("random", checkpoint, root, rng=rng, max_delay=max_delay)
+        longest = max(longest, out.round_seconds)
+        max_delay = max(1.0, 1.2 * longest)
         key = f"killed while {out.state_at_kill}" if out.killed else "finished before the kill"
         tally[key] += 1
         tally["ok" if out.ok else "FAILED"] += 1
