@@ -4,12 +4,18 @@ This module imports neither torch nor Celery, so the API (which sends tasks by n
 :mod:`backend.dispatch`) and the workers (:mod:`worker.celery_app`, :mod:`worker.tasks`) share
 it without the API depending on the worker package.
 
-One queue per kind of work, so that GPU and CPU pools scale apart:
+One queue per kind of work, so that each pool scales apart and annotators never wait on a round:
 
-- :attr:`Queue.GPU`: work that runs the diffusion model (training a round, which also judges
-  its candidate for the built-in model, and sampling the images of new pairs). A GPU worker runs
-  it with concurrency 1.
+- :attr:`Queue.SAMPLE`: sampling the images of new pairs, A/B evaluation pairs included
+  (``pairs.generate``). Short tasks (one refill); a sampling worker keeps the pool full while
+  another worker trains. Runs the model: GPU workers, concurrency 1 per process.
+- :attr:`Queue.TRAIN`: training a round (``train.round``), which also renders its validation
+  grid and judges its candidate. Long tasks (minutes to hours); one per GPU worker process.
 - :attr:`Queue.CPU`: bookkeeping that never loads a model (the sweeper, the A/B check).
+
+Both model queues may be consumed on one GPU host, by two worker processes sharing the GPU
+(README, "Scaling out"), or by one process with ``-Q sample,train`` (then a round blocks refills
+for as long as it trains: the layout this split replaces).
 
 Tasks have explicit names, never the Python path Celery would derive, so that moving a function
 does not orphan the messages already queued under its old name.
@@ -24,7 +30,8 @@ from pathlib import Path
 class Queue(StrEnum):
     """The Celery queues; the value is the queue name on the broker."""
 
-    GPU = "gpu"
+    SAMPLE = "sample"
+    TRAIN = "train"
     CPU = "cpu"
 
 
@@ -40,16 +47,23 @@ AB_CHECK = "ab.check"
 
 #: Which queue each task goes to. Anything not listed goes to the default queue, CPU.
 TASK_QUEUES: dict[str, Queue] = {
-    TRAIN_ROUND: Queue.GPU,
-    GENERATE_PAIRS: Queue.GPU,
+    TRAIN_ROUND: Queue.TRAIN,
+    GENERATE_PAIRS: Queue.SAMPLE,
     SWEEP: Queue.CPU,
     AB_CHECK: Queue.CPU,
 }
 
 DEFAULT_QUEUE = Queue.CPU
 
-#: ``celery worker -Q`` for one process that consumes every queue (local mode, tests, benches).
+#: ``celery worker -Q`` for one process that consumes every queue (tests, benches): a round then
+#: blocks pool refills for as long as it trains.
 ALL_QUEUES = ",".join(q.value for q in Queue)
+#: One machine, two worker processes (``make demo``): ``-Q`` of each, by name. The sampling
+#: worker takes the bookkeeping too; together they consume every queue.
+LOCAL_WORKERS: dict[str, str] = {
+    "worker-sample": f"{Queue.SAMPLE},{Queue.CPU}",
+    "worker-train": Queue.TRAIN.value,
+}
 
 
 def broker_url(configured: str | None, data_dir: str | Path) -> str:
@@ -71,6 +85,7 @@ __all__ = [
     "ALL_QUEUES",
     "DEFAULT_QUEUE",
     "GENERATE_PAIRS",
+    "LOCAL_WORKERS",
     "SWEEP",
     "TASK_QUEUES",
     "TRAIN_ROUND",

@@ -1,7 +1,7 @@
 """``python -m bench.loop``: the whole loop, timed per phase, from votes to serving.
 
 One machine, the real processes: the API server (``python -m backend.cli serve``) and a Celery
-worker (``-Q gpu,cpu``, ``--pool=solo``) on SQLite and the embedded broker, in a temporary data
+worker on every queue (``-Q sample,train,cpu``, ``--pool=solo``) on SQLite and the embedded broker, in a temporary data
 directory. Simulated annotators (:mod:`clients.simulated_annotator`, taste
 :data:`worker.shapes.tastes.DEMO_MIX`, 10% label noise) vote through the public HTTP API. The
 phases, each timed on the wall clock:
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         finish = timed("start (server + worker)")
         with loop_stack(work / "data", base_model, settings) as stack:
-            finish(f"API on :{stack.port}, worker -Q gpu,cpu")
+            finish(f"API on :{stack.port}, worker -Q {ALL_QUEUES}")
             taste = TasteMix.parse(DEMO_MIX, noise=args.noise)
             annotators = [
                 SimulatedAnnotator(

@@ -4,9 +4,11 @@ SQLite under ``./var`` (or ``--data-dir``), kombu's SQLAlchemy broker on SQLite 
 and the built-in model ``builtin:shapes``. The demo:
 
 1. brings the database to head (``alembic upgrade head``);
-2. starts the API + UI server (``prefloop serve``), a Celery worker on the ``gpu`` and ``cpu``
-   queues (``--pool=solo``) and Celery beat (the pool refill and the round sweeper), each a
-   child process logging to ``<data dir>/logs/``; and asks for a first pool refill at once;
+2. starts the API + UI server (``prefloop serve``), two Celery workers (``--pool=solo``): one on
+   the ``sample`` and ``cpu`` queues (pool refills, bookkeeping), one on ``train`` (rounds), so
+   that annotators keep getting pairs while a round trains; and Celery beat (the pool refill and
+   the round sweeper); each a child process logging to ``<data dir>/logs/``; and asks for a
+   first pool refill at once;
 3. waits for ``/healthz``, prints the URL and the admin account;
 4. runs a few simulated annotators (:mod:`clients.simulated_annotator`) that vote through the
    public API, guided by their taste (``--taste``, default
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.queues import ALL_QUEUES, GENERATE_PAIRS
+from backend.queues import GENERATE_PAIRS, LOCAL_WORKERS
 from prefloop_client import ApiError, PrefloopClient
 from worker.shapes.tastes import DEMO_MIX, TasteMix, available_tastes
 
@@ -159,7 +161,7 @@ def wait_for_pairs(settings: Any, children: Children, timeout: float) -> int:
     from backend.models import Pair
 
     db = Database(settings.db_url, pool_size=1, max_overflow=0)
-    worker = next(c for c in children.children if c.name == "worker")
+    worker = next(c for c in children.children if c.name == "worker-sample")
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -497,23 +499,25 @@ def main(argv: list[str] | None = None) -> int:
 def _run(a: argparse.Namespace, url: str, settings: Any, password: str, children: Children) -> int:
     celery = ["-m", "celery", "-A", "worker.celery_app"]
     children.start("server", ["-m", "backend.cli", "serve"])
-    children.start(
-        "worker",
-        [
-            *celery,
-            "worker",
-            "-Q",
-            ALL_QUEUES,
-            "--pool=solo",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--hostname",
-            "demo-worker@%h",
-        ],
-    )
+    for name, queues in LOCAL_WORKERS.items():
+        children.start(
+            name,
+            [
+                *celery,
+                "worker",
+                "-Q",
+                queues,
+                "--pool=solo",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--hostname",
+                f"demo-{name}@%h",
+            ],
+        )
     children.start("beat", [*celery, "beat", "--loglevel=INFO"])
-    print(f"server, worker and beat started; logs in {children.log_dir}")
+    workers = ", ".join(LOCAL_WORKERS)
+    print(f"server, workers ({workers}) and beat started; logs in {children.log_dir}")
 
     # The first pool refill now rather than at beat's first tick.
     from worker.celery_app import create_celery

@@ -1,6 +1,7 @@
 """The Celery application: broker, routing and reliability settings, and the beat schedule.
 
-``celery -A worker.celery_app worker -Q gpu`` (and ``-Q cpu``, ``beat``) load the module-level
+``celery -A worker.celery_app worker -Q train`` (and ``-Q sample``, ``-Q cpu``, ``beat``; queue
+names in :mod:`backend.queues`) load the module-level
 ``app``, built from :func:`backend.settings.get_settings` on first access and cached. Building it
 opens no connection, to the broker or to the database: Celery connects lazily, on the first send
 or when a worker starts. Tests and tools build their own with :func:`create_celery`.

@@ -4,15 +4,16 @@ Names and queues come from :mod:`backend.queues`; ``worker.celery_app`` imports 
 every worker (``app.conf.imports``). The tasks are ``shared_task`` so that an app built by
 :func:`worker.celery_app.create_celery` (tests, tools) gets them too.
 
-- ``train.round`` (GPU): :func:`worker.rounds.run_round`. ``acks_late`` with
+- ``train.round`` (queue ``train``): :func:`worker.rounds.run_round`. ``acks_late`` with
   ``reject_on_worker_lost``: a worker killed mid-round leaves the message to be delivered
   again, and the round resumes from its checkpoint. Retried only on transient database errors
   (connection lost, lock timeout); never on other exceptions, which fail the round instead.
-- ``pairs.generate`` (GPU: it samples the model): :func:`worker.pair_pool.refill_pool`. Beat
+- ``pairs.generate`` (queue ``sample``: it samples the model, on its own workers so that
+  the pool refills while a round trains): :func:`worker.pair_pool.refill_pool`. Beat
   sends it periodically; a failed run is simply replaced by the next one.
-- ``rounds.sweep`` (CPU): :func:`worker.round_schedule.sweep_and_schedule`, which re-queues rounds
+- ``rounds.sweep`` (queue ``cpu``): :func:`worker.round_schedule.sweep_and_schedule`, which re-queues rounds
   committed but never dispatched or orphaned, and starts scheduled rounds.
-- ``ab.check`` (CPU): :func:`backend.services.publishing.check_open_tests`, which records the
+- ``ab.check`` (queue ``cpu``): :func:`backend.services.publishing.check_open_tests`, which records the
   first decision of every open A/B test and applies the publish policy (the API already
   checks a test after each of its votes; this catches what a crash or a busy database missed).
 """

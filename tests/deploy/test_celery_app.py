@@ -93,7 +93,7 @@ def test_reliability_and_serialisation(tmp_path: Path) -> None:
 
 def test_routes_send_each_task_to_its_queue(tmp_path: Path) -> None:
     app = create_celery(embedded(tmp_path))
-    expected = {TRAIN_ROUND: "gpu", GENERATE_PAIRS: "gpu", SWEEP: "cpu", AB_CHECK: "cpu"}
+    expected = {TRAIN_ROUND: "train", GENERATE_PAIRS: "sample", SWEEP: "cpu", AB_CHECK: "cpu"}
     assert {name: queue.value for name, queue in TASK_QUEUES.items()} == expected
     for name, queue in expected.items():
         assert app.amqp.router.route({}, name)["queue"].name == queue, name
@@ -107,8 +107,9 @@ def test_task_names_and_queues_are_stable() -> None:
         "rounds.sweep",
         "ab.check",
     )
-    assert [q.value for q in Queue] == ["gpu", "cpu"]
-    assert Queue("gpu") is Queue.GPU and Queue.CPU == "cpu"
+    assert [q.value for q in Queue] == ["sample", "train", "cpu"]
+    assert Queue("train") is Queue.TRAIN and Queue.CPU == "cpu"
+    assert ALL_QUEUES == "sample,train,cpu"
 
 
 def test_api_dispatcher_uses_the_same_names(tmp_path: Path) -> None:
@@ -343,7 +344,7 @@ def test_round_trip_embedded_broker(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_production_module_serves_a_worker(tmp_path: Path) -> None:
-    """``celery -A worker.celery_app worker -Q gpu,cpu``: the one-machine (local mode) worker."""
+    """``celery -A worker.celery_app worker -Q sample,train,cpu``: one worker for every queue."""
     log_path = tmp_path / "worker.log"
     env = worker_env(PREFLOOP_DATA_DIR=str(tmp_path))
     producer = create_celery(embedded(tmp_path))

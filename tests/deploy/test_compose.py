@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
-from backend.queues import Queue
+from backend.queues import TASK_QUEUES, Queue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -34,9 +34,10 @@ CONSTRAINTS = REPO_ROOT / "constraints.txt"
 
 INSTALL_HINT = "apt-get install -y --no-install-recommends docker-compose"
 REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "PREFLOOP_ADMIN_PASSWORD", "PREFLOOP_SECRET_KEY")
-SERVICES = {"postgres", "redis", "migrate", "api", "worker-gpu", "worker-cpu", "beat"}
-APP_SERVICES = {"migrate", "api", "worker-gpu", "worker-cpu", "beat"}
-SHARED_DATA_SERVICES = {"api", "worker-gpu", "worker-cpu", "beat"}
+GPU_WORKERS = {"worker-train": Queue.TRAIN, "worker-sample": Queue.SAMPLE}
+SERVICES = {"postgres", "redis", "migrate", "api", *GPU_WORKERS, "worker-cpu", "beat"}
+APP_SERVICES = {"migrate", "api", *GPU_WORKERS, "worker-cpu", "beat"}
+SHARED_DATA_SERVICES = {"api", *GPU_WORKERS, "worker-cpu", "beat"}
 
 # `NAME=value` or `# NAME=value` (documented, commented out) at the start of a line.
 _ENV_LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
@@ -212,23 +213,31 @@ def test_port_comes_from_env(docker_compose: str, tmp_path: Path) -> None:
 
 def test_workers_and_beat(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    gpu = command_args(services["worker-gpu"])
-    assert gpu[:4] == ["celery", "-A", "worker.celery_app", "worker"]
-    assert option(gpu, "-Q") == Queue.GPU.value
-    assert option(gpu, "--concurrency") == "1"
-    assert option(gpu, "--prefetch-multiplier") == "1"
-    (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia"
-    assert device["count"] == 1
-    assert device["capabilities"] == ["gpu"]
+    for name, queue in GPU_WORKERS.items():
+        gpu = command_args(services[name])
+        assert gpu[:4] == ["celery", "-A", "worker.celery_app", "worker"], name
+        # One model queue per service: a round never holds up the pool's refills.
+        assert option(gpu, "-Q") == queue.value, name
+        assert option(gpu, "--concurrency") == "1", name
+        assert option(gpu, "--prefetch-multiplier") == "1", name
+        assert services[name]["build"]["target"] == "worker-gpu", name
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia"
+        assert device["count"] == 1
+        assert device["capabilities"] == ["gpu"]
 
     cpu = command_args(services["worker-cpu"])
     assert cpu[:4] == ["celery", "-A", "worker.celery_app", "worker"]
     assert option(cpu, "-Q") == Queue.CPU.value
     assert "deploy" not in services["worker-cpu"]
 
-    consumed = {option(command_args(services[s]), "-Q") for s in ("worker-gpu", "worker-cpu")}
+    consumed = {
+        queue
+        for s in (*GPU_WORKERS, "worker-cpu")
+        for queue in option(command_args(services[s]), "-Q").split(",")
+    }
     assert consumed == {q.value for q in Queue}, "every queue needs a worker"
+    assert set(TASK_QUEUES.values()) <= set(Queue)
 
     assert command_args(services["beat"])[:4] == ["celery", "-A", "worker.celery_app", "beat"]
 
@@ -258,7 +267,7 @@ def test_build_targets_exist_in_dockerfile(resolved: dict[str, Any]) -> None:
         assert build["dockerfile"] == "docker/Dockerfile", name
         assert build["target"] in stages, name
         assert build["args"]["TORCH_INDEX_URL"].startswith("https://"), name
-    gpu_index = resolved["services"]["worker-gpu"]["build"]["args"]["TORCH_INDEX_URL"]
+    gpu_index = resolved["services"]["worker-train"]["build"]["args"]["TORCH_INDEX_URL"]
     assert re.search(r"/cu12\d+$", gpu_index), gpu_index
     assert resolved["services"]["api"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/cpu")
 

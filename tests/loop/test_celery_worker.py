@@ -2,7 +2,7 @@
 ``train.round`` against a SQLite database, over the embedded broker (kombu's SQLAlchemy
 transport on SQLite) in a temporary directory.
 
-The worker is the production module (``celery -A worker.celery_app worker -Q gpu,cpu``) with
+The worker is the production module (``celery -A worker.celery_app worker``, every queue) with
 its settings from ``PREFLOOP_*`` variables, exactly as ``prefloop demo`` starts it. The round is
 sent the way the API sends it (``backend.dispatch.CeleryDispatcher``, by name, after the
 commit). The worker is terminated in a ``finally``, whatever the outcome.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from sqlalchemy import func, select
 from backend.db import Database
 from backend.dispatch import CeleryDispatcher
 from backend.models import ModelVersion, Pair, RoundMetric, RoundStatus, TrainingRound
-from backend.queues import ALL_QUEUES, GENERATE_PAIRS, TRAIN_ROUND
+from backend.queues import ALL_QUEUES, GENERATE_PAIRS, LOCAL_WORKERS, TASK_QUEUES, TRAIN_ROUND
 from worker.celery_app import create_celery
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,9 +68,9 @@ def worker_env(tmp_path: Path, tiny_checkpoint: Path, migrated_db: Path) -> dict
     return env
 
 
-@pytest.fixture
-def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
-    log_path = tmp_path / "worker.log"
+@contextmanager
+def _worker(env: dict[str, str], queues: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A worker.celery_app worker -Q <queues>``, solo pool, terminated on exit."""
     cmd = [
         sys.executable,
         "-m",
@@ -78,7 +80,7 @@ def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
         "worker",
         "--pool=solo",
         "-Q",
-        ALL_QUEUES,
+        queues,
         "--loglevel=INFO",
         "--without-gossip",
         "--without-mingle",
@@ -87,11 +89,9 @@ def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
         f"loop-test-{uuid.uuid4().hex[:8]}@%h",
     ]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            yield log_path
+            yield proc
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -99,6 +99,13 @@ def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+@pytest.fixture
+def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
+    log_path = tmp_path / "worker.log"
+    with _worker(worker_env, ALL_QUEUES, log_path):
+        yield log_path
 
 
 def _wait_for(predicate: Any, timeout: float, log_path: Path, what: str) -> Any:
@@ -134,7 +141,7 @@ def test_worker_generates_pairs_and_trains_a_round(
         loop.vote_on_within_pairs(db, user)
         round_id = loop.create_round(db, steps=3)
 
-        # train.round, sent as the API sends it: after the commit, by name, to the gpu queue.
+        # train.round, sent as the API sends it: after the commit, by name, to the train queue.
         task_id = CeleryDispatcher(settings).dispatch_round(round_id)
 
         def finished() -> TrainingRound | None:
@@ -169,3 +176,67 @@ def test_worker_generates_pairs_and_trains_a_round(
             assert s.scalar(select(func.count()).select_from(ModelVersion)) == 2
     finally:
         db.dispose()
+
+
+def test_pool_refills_while_a_round_trains(
+    worker_env: dict[str, str], tmp_path: Path, loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's layout (``backend.queues.LOCAL_WORKERS``): a ``train`` worker and a
+    ``sample,cpu`` worker. While the first is inside a round, ``pairs.generate`` runs on the
+    second and fills the pool; then the round is cancelled."""
+    for key, value in worker_env.items():
+        if key.startswith("PREFLOOP_"):
+            monkeypatch.setenv(key, value)
+    from backend.services import rounds as round_service
+    from backend.settings import Settings
+
+    settings = Settings()
+    app = create_celery(settings)
+    db = Database(settings.db_url, pool_size=2, max_overflow=2)
+    (sample_name, sample_queues), (train_name, train_queues) = LOCAL_WORKERS.items()
+    assert TASK_QUEUES[GENERATE_PAIRS] in sample_queues.split(",")
+    assert train_queues.split(",") == [TASK_QUEUES[TRAIN_ROUND]]
+    sample_log, train_log = tmp_path / f"{sample_name}.log", tmp_path / f"{train_name}.log"
+    with (
+        _worker(worker_env, sample_queues, sample_log),
+        _worker(worker_env, train_queues, train_log),
+    ):
+        try:
+            assert app.send_task(GENERATE_PAIRS).get(timeout=TASK_TIMEOUT_S) == 6
+            user = loop.add_annotator(db)
+            assert loop.vote_on_within_pairs(db, user) == 6  # overlap 1: all 6 are done
+            # Long enough never to finish on its own here: the test cancels it.
+            round_id = loop.create_round(db, steps=100_000, max_epochs=None, checkpoint_every=1000)
+            CeleryDispatcher(settings).dispatch_round(round_id)
+
+            def training() -> TrainingRound | None:
+                with db.read_session() as s:
+                    rnd = s.get(TrainingRound, round_id)
+                    assert not RoundStatus(rnd.status).finished, (rnd.status, rnd.error)
+                    return rnd if rnd.step >= 1 else None
+
+            started = _wait_for(training, TASK_TIMEOUT_S, train_log, "the round's first step")
+            made = app.send_task(GENERATE_PAIRS).get(timeout=TASK_TIMEOUT_S)
+            with db.read_session() as s:
+                rnd = s.get(TrainingRound, round_id)
+                # The refill ran to the end while the round kept training on the other worker.
+                assert RoundStatus(rnd.status) == RoundStatus.running, rnd.status
+                assert rnd.step > started.step
+                ready = s.scalar(select(func.count()).select_from(Pair).where(Pair.active))
+            assert made == 6 and ready == 6
+            # Each task ran where its queue sends it ("Task <name>[<id>] received").
+            assert "Task pairs.generate[" not in train_log.read_text(errors="replace")
+            assert "Task train.round[" not in sample_log.read_text(errors="replace")
+            assert "Task pairs.generate[" in sample_log.read_text(errors="replace")
+
+            with db.transaction() as s:
+                round_service.cancel_round(s, round_id)
+
+            def stopped() -> bool:
+                # The worker notices within a second or a step; its task then ends normally.
+                text = train_log.read_text(errors="replace")
+                return re.search(r"Task train\.round\[[^\]]+\] succeeded", text) is not None
+
+            _wait_for(stopped, TASK_TIMEOUT_S, train_log, "the cancelled round's task to end")
+        finally:
+            db.dispose()

@@ -1,6 +1,6 @@
 """``python -m clients.demo --exit-after-loop``: the whole loop as a user runs it.
 
-Real children (API server, Celery worker and beat on the embedded SQLite broker), simulated
+Real children (API server, the two Celery workers and beat on the embedded SQLite broker), simulated
 annotators voting over HTTP, a round started and followed through the API. Only the model is
 smaller than the shipped one (the tiny checkpoint of conftest, by ``PREFLOOP_BASE_MODEL``), and
 the votes and steps are few. Afterwards no child process may be left running.
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from backend.queues import LOCAL_WORKERS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,6 +87,6 @@ def test_demo_runs_the_loop_and_stops_its_children(tmp_path: Path, tiny_checkpoi
     assert ("A/B votes" in out and "new version" in out) or re.search(r"candidate +\| none:", out)
     assert "all processes stopped" in out
     assert (data_dir / "prefloop.db").is_file()
-    for name in ("server", "worker", "beat"):
+    for name in ("server", *LOCAL_WORKERS, "beat"):
         assert (data_dir / "logs" / f"{name}.log").is_file()
     assert _processes_with_env("PREFLOOP_DATA_DIR", str(data_dir.resolve())) == []
