@@ -63,6 +63,7 @@ bench: setup services ## every benchmark, full size
 	$(BIN)/python -m bench.alignment
 	$(BIN)/python -m bench.taste_rounds
 	$(BIN)/python -m bench.ab_test
+	$(BIN)/python -m bench.data_quality
 	$(BIN)/python -m bench.loop
 	$(BIN)/python -m bench.api_load
 	$(BIN)/python -m bench.api_fuzz
@@ -74,6 +75,7 @@ bench-quick: setup services ## every benchmark with --quick (each under 2 minute
 	$(BIN)/python -m bench.alignment --quick
 	$(BIN)/python -m bench.taste_rounds --quick
 	$(BIN)/python -m bench.ab_test --quick
+	$(BIN)/python -m bench.data_quality --quick
 	$(BIN)/python -m bench.loop --quick
 	$(BIN)/python -m bench.api_load --quick
 	$(BIN)/python -m bench.api_fuzz --quick
