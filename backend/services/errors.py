@@ -28,9 +28,5 @@ class Invalid(ServiceError):
     status_code = 422
 
 
-class Unavailable(ServiceError):
-    status_code = 503
-
-
 class LimitReached(ServiceError):
     status_code = 429

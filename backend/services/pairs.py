@@ -181,14 +181,6 @@ def enforce_caps(counts: CapCounts, daily_cap: int, weekly_cap: int, now: dateti
         )
 
 
-def check_caps(
-    session: Session | Any, user_id: int, daily_cap: int, weekly_cap: int, now: datetime
-) -> None:
-    """Raise :class:`LimitReached` (with ``Retry-After``) when the user was served their
-    daily (UTC day) or weekly (rolling 7 days) number of pairs."""
-    enforce_caps(count_caps(session, user_id, now), daily_cap, weekly_cap, now)
-
-
 def _pick_statement(kinds: tuple[PairKind, ...]) -> Any:
     """The first unserved active pair of ``kinds`` at or after ``:r`` in ``rand_key`` order,
     else (wrapping around) the first one before it; with its prompt text. Constants are
@@ -308,8 +300,3 @@ def serve_next_pair(
             return ServedPair(pair_id, PairKind(kind), prompt, left, right)
         # A concurrent request of this user took that pair first: pick again.
     return None
-
-
-def count_ready(session: Session) -> int:
-    """Active pairs (the pool the annotators draw from)."""
-    return session.scalar(select(func.count()).select_from(Pair).where(Pair.active.is_(True))) or 0

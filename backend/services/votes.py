@@ -146,15 +146,3 @@ def submit_vote(
     if decided is None:  # pragma: no cover - the conflicting row must be visible now
         raise Conflict("concurrent vote conflict; retry")
     return decided
-
-
-def list_user_votes(session: Session, user_id: int, *, offset: int, limit: int) -> list[Vote]:
-    return list(
-        session.scalars(
-            select(Vote)
-            .where(Vote.user_id == user_id)
-            .order_by(Vote.id.desc())
-            .offset(offset)
-            .limit(limit)
-        )
-    )
