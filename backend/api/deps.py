@@ -13,8 +13,9 @@ endpoint from the moment the ban commits, and a token older than the row's
 The annotation hot paths (``GET /pairs/next``, ``POST /votes``) take :data:`BearerClaims`
 instead of ``CurrentUser`` + ``SessionDep``: the token is checked in the dependency (401 as
 before, no thread, no database), and :func:`run_hot` then runs the user check
-(:func:`check_user`: 401 unknown user, 403 banned) *and* the endpoint's statements on one
-pooled connection, in one thread-pool hop. To keep the order of errors
+(:func:`backend.services.annotation.check_user`: 401 unknown user, 403 banned) *and* the
+endpoint's statements on one pooled connection, in one thread-pool hop: one direct call into
+:mod:`backend.services.annotation`. To keep the order of errors
 exactly as with ``CurrentUser`` (a dependency, so its 401/403 came before a 422 for a bad
 body), the dependency leaves its claims in the request scope and the 422 handler
 (:mod:`backend.api.errors`) runs the same user check before answering 422.
@@ -23,12 +24,10 @@ body), the dependency leaves its claims in the request scope and the 422 handler
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import OAuth2PasswordBearer
-from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -37,6 +36,8 @@ from backend.api.state import AppState
 from backend.db import Database
 from backend.models import User, UserRole, UserStatus
 from backend.security import InvalidToken, TokenClaims
+from backend.services import annotation
+from backend.services.errors import ServiceError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -142,7 +143,7 @@ async def get_claims(
     request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]
 ) -> TokenClaims:
     """The bearer token's verified claims (401 without a valid token). The user row is
-    checked later, by :func:`check_user`, in the endpoint's transaction."""
+    checked later, by :mod:`backend.services.annotation`, in the endpoint's transaction."""
     if not token:
         raise _unauthorized("not authenticated")
     try:
@@ -156,71 +157,14 @@ async def get_claims(
 BearerClaims = Annotated[TokenClaims, Depends(get_claims)]
 
 
-@dataclass(frozen=True, slots=True)
-class ActiveUser:
-    """What the hot paths need of the user row."""
-
-    id: int
-    daily_cap: int | None
-    weekly_cap: int | None
-
-
-_users = User.__table__
-_USER_BY_ID = select(
-    _users.c.status, _users.c.daily_cap, _users.c.weekly_cap, _users.c.token_version
-).where(_users.c.id == bindparam("id"))
-
-
-def check_user(conn: Connection | Session, claims: TokenClaims) -> ActiveUser:
-    """The same check as :func:`get_current_user` (one primary-key lookup): 401 when the
-    user no longer exists or the token is older than its ``token_version``, 403 when
-    banned."""
-    row = (
-        conn.execute(_USER_BY_ID, {"id": claims.user_id}).first() if valid_user_id(claims) else None
-    )
-    return active_user(row, claims)
-
-
-def valid_user_id(claims: TokenClaims) -> bool:
-    return 0 < claims.user_id < 2**31
-
-
-def active_user(row: Any, claims: TokenClaims) -> ActiveUser:
-    """401 / 403 from a ``(status, daily_cap, weekly_cap, ...)`` row of the user with a
-    ``token_version`` column (None when there is none), as :func:`get_current_user`
-    answers."""
-    if row is None:
-        raise _unauthorized("invalid or expired token")
-    if row[0] == UserStatus.banned:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="account is banned")
-    if row.token_version != claims.version:
-        raise _unauthorized("invalid or expired token")
-    return ActiveUser(claims.user_id, row[1], row[2])
-
-
-def _run_hot(
-    db: Database,
-    write: bool,
-    claims: TokenClaims,
-    check: Callable[..., Any],
-    fn: Callable[..., Any],
-    args: tuple,
-) -> Any:
+def _run_hot(db: Database, write: bool, fn: Callable[..., Any], args: tuple) -> Any:
     with db.hot_connection(write=write) as conn:
-        user = check(conn, claims)
-        return fn(conn, user, *args)
+        return fn(conn, *args)
 
 
-async def run_hot(
-    state: AppState,
-    claims: TokenClaims,
-    fn: Callable[..., Any],
-    *args: Any,
-    write: bool = True,
-    check: Callable[[Connection, TokenClaims], Any] = check_user,
-) -> Any:
-    """``fn(conn, check(conn, claims), *args)``, ``check`` being :func:`check_user` or one
-    that makes the same check while fetching more in the same statement, on one pooled
+async def run_hot(state: AppState, fn: Callable[..., Any], *args: Any, write: bool = True) -> Any:
+    """``fn(conn, *args)``, ``fn`` being one of :mod:`backend.services.annotation`'s calls
+    (which makes the user check itself), on one pooled
     :meth:`~backend.db.Database.hot_connection` (PostgreSQL: autocommit statements; SQLite:
     one transaction), in one hop to the database's thread pool. When it returns, whatever
     ``fn`` wrote is committed. On SQLite, writes pass the write gate as in
@@ -229,7 +173,7 @@ async def run_hot(
     if gate is not None:
         await gate.acquire()
     try:
-        return await state.db.run(_run_hot, state.db, write, claims, check, fn, args)
+        return await state.db.run(_run_hot, state.db, write, fn, args)
     finally:
         if gate is not None:
             gate.release()
@@ -246,12 +190,12 @@ async def recheck_user_before_422(request: Request) -> HTTPException | None:
 
     def check() -> None:
         with state.db.engine.connect() as conn:
-            check_user(conn, claims)
+            annotation.check_user(conn, claims)
 
     try:
         await state.db.run(check)
-    except HTTPException as exc:
-        return exc
+    except ServiceError as exc:
+        return HTTPException(exc.status_code, detail=exc.detail, headers=exc.headers)
     return None
 
 

@@ -30,3 +30,12 @@ class Invalid(ServiceError):
 
 class LimitReached(ServiceError):
     status_code = 429
+
+
+class Unauthorized(ServiceError):
+    """401: the token's user no longer exists, or the token predates its ``token_version``."""
+
+    status_code = 401
+
+    def __init__(self, detail: str = "invalid or expired token") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})

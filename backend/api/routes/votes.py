@@ -3,28 +3,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, status
-from sqlalchemy import Connection
 from starlette.background import BackgroundTask
 
 from backend.api.ab_checks import check_after_vote
-from backend.api.deps import ActiveUser, BearerClaims, run_hot
+from backend.api.deps import BearerClaims, run_hot
 from backend.api.fastjson import json_response
 from backend.api.state import AppState
 from backend.schemas import VoteCreate, VotePublic
-from backend.services import votes as vote_service
+from backend.services import annotation
 
 router = APIRouter(prefix="/votes", tags=["annotation"])
-
-
-def _store(conn: Connection, user: ActiveUser, body: VoteCreate) -> vote_service.VoteOutcome:
-    return vote_service.submit_vote(
-        conn,
-        user_id=user.id,
-        pair_id=body.pair_id,
-        choice=body.choice,
-        client_vote_id=body.client_vote_id,
-        latency_ms=body.latency_ms,
-    )
 
 
 @router.post(
@@ -47,7 +35,15 @@ async def submit_vote(body: VoteCreate, claims: BearerClaims, request: Request) 
     state: AppState = request.app.state.prefloop
     # One hop: user check (401/403), lookup, insert (committed before it returns). The
     # answer is built only after that.
-    outcome = await run_hot(state, claims, _store, body)
+    outcome = await run_hot(
+        state,
+        annotation.submit_vote,
+        claims,
+        body.pair_id,
+        body.choice,
+        body.client_vote_id,
+        body.latency_ms,
+    )
     if outcome.created:
         state.metrics.vote_stored(outcome.choice.value)
     response = json_response(
