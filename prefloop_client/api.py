@@ -582,6 +582,10 @@ class PrefloopClient:
         """Ban an account: its every later request is refused with 403."""
         return self.update_user(token, user_id, status="banned")
 
+    def shadow_ban_user(self, token: str, user_id: int) -> dict[str, Any]:
+        """Shadow-ban an account: it keeps voting, and its votes never train or count."""
+        return self.update_user(token, user_id, status="shadow_banned")
+
     def unban_user(self, token: str, user_id: int) -> dict[str, Any]:
         return self.update_user(token, user_id, status="active")
 

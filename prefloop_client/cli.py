@@ -129,6 +129,8 @@ def _cell(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
     return str(value)
 
 
@@ -301,7 +303,8 @@ USER_COLUMNS = (
     ("votes", "votes"),
     ("gold_accuracy", "gold acc."),
     ("agreement_with_majority", "agreement"),
-    ("outlier", "flagged"),
+    ("krippendorff_alpha", "alpha"),
+    ("flags", "flags"),
 )
 
 
@@ -481,7 +484,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("username")
     p.add_argument("--password", help="read from a prompt when omitted")
     p.add_argument("--role", choices=["annotator", "admin"], default="annotator")
-    for action, status in (("ban", "banned"), ("unban", "active")):
+    for action, status in (
+        ("ban", "banned"),
+        ("shadow-ban", "shadow_banned"),  # keeps voting; the votes never train or count
+        ("unban", "active"),
+    ):
         p = leaf(users, action, _user_status(status), f"{action} an account (id or username)")
         p.add_argument("user", help="the user's id or username")
 

@@ -184,7 +184,12 @@ def test_users_create_ban_unban(cli, live_api) -> None:  # type: ignore[no-untyp
         code, out, _ = cli("users", "unban", str(bob["id"]), "--json")
         assert code == 0 and json.loads(out)["status"] == "active"
         # a ban ends the account's sessions; once unbanned it signs in again
-        assert client.me(client.login("bob_cli", "bob-password-1"))["status"] == "active"
+        token = client.login("bob_cli", "bob-password-1")
+        assert client.me(token)["status"] == "active"
+        code, out, err = cli("users", "shadow-ban", "bob_cli")
+        assert (code, out.strip()) == (0, f"user 'bob_cli' (id {bob['id']}) is shadow_banned"), err
+        assert client.me(token)["status"] == "shadow_banned"  # still signed in, still serving
+        cli("users", "unban", "bob_cli")
 
     code, out, _ = cli("users", "list")
     row = next(line for line in out.splitlines() if " bob_cli " in f" {line} ")
