@@ -70,6 +70,21 @@ def proxy_options(settings: Settings) -> dict[str, Any]:
     return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or []}
 
 
+def _prepare_metrics(settings: Settings, workers: int) -> None:
+    """Several server processes: prometheus_client's multiprocess mode, so that ``/metrics``
+    counts every process's requests whichever answers (backend/observability.py). The
+    directory is ``PROMETHEUS_MULTIPROC_DIR`` when set, else ``<data_dir>/prometheus``; it is
+    emptied here, before the processes start, and set for them (they inherit the variable)."""
+    from backend.observability import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    configured = os.environ.get(MULTIPROC_ENV)
+    if workers > 1 or configured:
+        os.environ[MULTIPROC_ENV] = prepare_multiprocess_dir(
+            configured or settings.data_dir / "prometheus"
+        )
+        log.info("metrics: multiprocess mode in %s", os.environ[MULTIPROC_ENV])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -87,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state.db.dispose()
     if generated is not None:
         announce_generated_password(settings.admin_username, generated)
+    _prepare_metrics(settings, args.workers)
     uvicorn.run(
         "backend.cli:serving_app",
         factory=True,

@@ -80,6 +80,52 @@ def result_backend_url(configured: str | None, data_dir: str | Path) -> str:
     return f"db+sqlite:///{Path(data_dir).expanduser().resolve() / 'results.db'}"
 
 
+def queue_depths(url: str, queues: list[str] | None = None) -> dict[str, int]:
+    """Messages waiting on each queue of the broker at ``url`` (by default every :class:`Queue`).
+
+    Redis: kombu keeps one list per queue and priority (``name``, then ``name\\x06\\x16<p>``);
+    the embedded SQLAlchemy broker: visible rows of ``kombu_message``. Raises on an unreachable
+    broker or an unknown scheme; the caller decides what a failed read means.
+    """
+    names = queues if queues is not None else [q.value for q in Queue]
+    if url.startswith(("redis://", "rediss://", "redis+socket://")):
+        import redis
+
+        client = redis.Redis.from_url(url.replace("redis+socket://", "unix://", 1))
+        try:
+            out = {}
+            for name in names:
+                keys = [name, *(f"{name}\x06\x16{p}" for p in range(1, 10))]
+                with client.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.llen(key)
+                    out[name] = int(sum(pipe.execute()))
+            return out
+        finally:
+            client.close()
+    for prefix in ("sqla+", "sqlalchemy+"):
+        if url.startswith(prefix):
+            from sqlalchemy import create_engine, inspect, text
+
+            engine = create_engine(url[len(prefix) :])
+            try:
+                with engine.connect() as conn:
+                    if not inspect(conn).has_table("kombu_message"):
+                        return dict.fromkeys(names, 0)  # no message sent yet
+                    rows = conn.execute(
+                        text(
+                            "SELECT q.name, COUNT(m.id) FROM kombu_queue q "
+                            "LEFT JOIN kombu_message m ON m.queue_id = q.id AND m.visible "
+                            "GROUP BY q.name"
+                        )
+                    ).all()
+            finally:
+                engine.dispose()
+            found = {str(name): int(n) for name, n in rows}
+            return {name: found.get(name, 0) for name in names}
+    raise ValueError(f"cannot read queue depths from broker {url.split('://')[0]}://")
+
+
 __all__ = [
     "AB_CHECK",
     "ALL_QUEUES",
@@ -91,5 +137,6 @@ __all__ = [
     "TRAIN_ROUND",
     "Queue",
     "broker_url",
+    "queue_depths",
     "result_backend_url",
 ]

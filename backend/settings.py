@@ -188,6 +188,12 @@ class Settings(BaseSettings):
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_json: bool = True
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="A Celery worker serves its Prometheus /metrics on this port (unset: none).",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

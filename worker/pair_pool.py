@@ -71,6 +71,7 @@ from backend.services import images as image_service
 from backend.services import pairs as pair_service
 from backend.services import versions as version_service
 from backend.services.common import dialect_insert
+from backend.services.pool import count_ready
 from backend.settings import Settings
 from backend.storage import ImageStore
 from worker import model_registry
@@ -191,30 +192,6 @@ def retire_done_pairs(session: Session, *, overlap: int, serving_id: int | None)
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
-
-def count_ready(session: Session, overlap: int) -> int:
-    """Active pairs with fewer than ``overlap`` votes (A/B pairs: never served)."""
-    votes = select(Vote.pair_id, func.count().label("n")).group_by(Vote.pair_id).subquery()
-    served = select(PairAssignment.pair_id).where(PairAssignment.pair_id == Pair.id)
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(Pair)
-            .outerjoin(votes, votes.c.pair_id == Pair.id)
-            .where(
-                Pair.active.is_(True),
-                or_(
-                    and_(
-                        Pair.kind != PairKind.ab,
-                        or_(votes.c.n.is_(None), votes.c.n < overlap),
-                    ),
-                    and_(Pair.kind == PairKind.ab, ~served.exists()),
-                ),
-            )
-        )
-        or 0
-    )
 
 
 #: The A/B shares together never take more than this of the served pairs.

@@ -21,17 +21,20 @@ every worker (``app.conf.imports``). The tasks are ``shared_task`` so that an ap
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import task_failure, worker_init
 from sqlalchemy.exc import OperationalError
 
 from backend.db import Database
 from backend.dispatch import CeleryDispatcher
+from backend.models import RoundStatus, TrainingRound
 from backend.queues import AB_CHECK, GENERATE_PAIRS, SWEEP, TASK_QUEUES, TRAIN_ROUND
 from backend.services import publishing
 from backend.settings import Settings, get_settings
-from worker import pair_pool, round_schedule, rounds
+from worker import metrics, pair_pool, round_schedule, rounds
 
 #: Transient errors worth retrying a task for: the database went away or stayed locked.
 TRANSIENT_ERRORS = (OperationalError,)
@@ -64,12 +67,28 @@ def _dispatcher() -> CeleryDispatcher:
     max_retries=5,
 )
 def train_round(self: Task, round_id: int) -> None:
+    was_finished = _round_finished(round_id)
     rounds.run_round(round_id, _database().write_session, _settings(), task_id=self.request.id)
+    if not was_finished:  # a re-delivered, already finished round is not counted again
+        with _database().read_session() as session:
+            row = session.get(TrainingRound, round_id)
+            if row is not None:
+                metrics.observe_round(row)
+
+
+def _round_finished(round_id: int) -> bool:
+    with _database().read_session() as session:
+        row = session.get(TrainingRound, round_id)
+        return row is not None and RoundStatus(row.status).finished
 
 
 @shared_task(name=GENERATE_PAIRS, queue=TASK_QUEUES[GENERATE_PAIRS].value, acks_late=True)
 def generate_pairs() -> int:
-    return pair_pool.refill_pool(_database().write_session, _settings())
+    started = time.monotonic()
+    made = pair_pool.refill_pool(_database().write_session, _settings())
+    metrics.refill_seconds.observe(time.monotonic() - started)
+    metrics.pairs_sampled.inc(made)
+    return made
 
 
 @shared_task(name=SWEEP, queue=TASK_QUEUES[SWEEP].value, acks_late=True)
@@ -79,4 +98,19 @@ def sweep_rounds() -> dict[str, Any]:
 
 @shared_task(name=AB_CHECK, queue=TASK_QUEUES[AB_CHECK].value, acks_late=True)
 def check_ab_tests() -> list[dict[str, Any]]:
-    return [vars(r) for r in publishing.check_open_tests(_database().write_session, _settings())]
+    results = publishing.check_open_tests(_database().write_session, _settings())
+    for result in results:
+        metrics.ab_decisions.labels(result.state).inc()
+    return [vars(r) for r in results]
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    # Each worker serves its own /metrics when PREFLOOP_WORKER_METRICS_PORT is set.
+    metrics.start_server(_settings().worker_metrics_port)
+
+
+@task_failure.connect
+def _count_failure(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+    name = getattr(sender, "name", None) or "unknown"
+    metrics.task_failures.labels(name, type(exception).__name__ if exception else "unknown").inc()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from backend.api.deps import StateDep
+from backend.observability import LoopStateCollector, render_metrics
 from backend.schemas import Health
 
 router = APIRouter(tags=["ops"])
@@ -25,4 +25,9 @@ def healthz(state: StateDep) -> Health | JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 def metrics(state: StateDep) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """This process's request metrics (all server processes' in multiprocess mode) and the
+    loop's state, read now from the database and the broker."""
+    body, content_type = render_metrics(
+        state.metrics, LoopStateCollector(state.db.read_session, state.settings)
+    )
+    return Response(body, media_type=content_type)

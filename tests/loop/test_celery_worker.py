@@ -197,9 +197,13 @@ def test_pool_refills_while_a_round_trains(
     assert TASK_QUEUES[GENERATE_PAIRS] in sample_queues.split(",")
     assert train_queues.split(",") == [TASK_QUEUES[TRAIN_ROUND]]
     sample_log, train_log = tmp_path / f"{sample_name}.log", tmp_path / f"{train_name}.log"
+    # Each worker serves its own Prometheus metrics.
+    sample_port, train_port = _free_port(), _free_port()
+    sample_env = {**worker_env, "PREFLOOP_WORKER_METRICS_PORT": str(sample_port)}
+    train_env = {**worker_env, "PREFLOOP_WORKER_METRICS_PORT": str(train_port)}
     with (
-        _worker(worker_env, sample_queues, sample_log),
-        _worker(worker_env, train_queues, train_log),
+        _worker(sample_env, sample_queues, sample_log),
+        _worker(train_env, train_queues, train_log),
     ):
         try:
             assert app.send_task(GENERATE_PAIRS).get(timeout=TASK_TIMEOUT_S) == 6
@@ -238,5 +242,36 @@ def test_pool_refills_while_a_round_trains(
                 return re.search(r"Task train\.round\[[^\]]+\] succeeded", text) is not None
 
             _wait_for(stopped, TASK_TIMEOUT_S, train_log, "the cancelled round's task to end")
+
+            sampled = _scrape(sample_port)
+            assert _value(sampled, "prefloop_pairs_sampled_total") == 12
+            assert _value(sampled, "prefloop_pool_refill_seconds_count") == 2
+            trained = _scrape(train_port)
+            assert _value(trained, 'prefloop_rounds_finished_total{status="cancelled"}') == 1
+            assert _value(trained, 'prefloop_round_duration_seconds_count{status="cancelled"}') == 1
+            assert _value(trained, "prefloop_round_steps_total") >= started.step
+            assert _value(trained, "prefloop_round_steps_per_second") > 0
         finally:
             db.dispose()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def _value(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in the worker's metrics:\n{text[-3000:]}")
