@@ -282,7 +282,7 @@ class Pair(Base):
     image_a_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     image_b_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     gold_answer: Mapped[GoldAnswer | None] = mapped_column(_enum(GoldAnswer, "gold_answer"))
-    source: Mapped[str] = mapped_column(String(32), default="pool", doc="pool | import")
+    source: Mapped[str] = mapped_column(String(32), default="pool", doc="pool | import | gold")
     ab_test_id: Mapped[int | None] = mapped_column(
         ForeignKey("ab_tests.id"), index=True, doc="The A/B test of an ``ab`` pair."
     )

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from backend.models import Choice, RoundStatus, UserRole, UserStatus, VersionStatus
+from backend.models import Choice, GoldAnswer, RoundStatus, UserRole, UserStatus, VersionStatus
 from backend.services.common import as_utc
 from backend.text_input import NoNul, stored_text
 
@@ -145,6 +145,24 @@ class UsersPublic(BaseModel):
 class ImageRef(BaseModel):
     image_id: int
     url: str
+
+
+class GoldMark(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    answer: GoldAnswer = Field(description="Which image of the pair is right: a or b.")
+
+
+class GoldPairPublic(BaseModel):
+    """A gold (control) pair, as its admin sees it."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    kind: str
+    prompt_id: int
+    image_a_id: int
+    image_b_id: int
+    gold_answer: GoldAnswer
+    active: bool
 
 
 class PairPublic(BaseModel):

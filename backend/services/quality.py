@@ -15,7 +15,8 @@ measured against everyone else, but never move anyone's. Gold pairs are compared
 answer; A/B pairs are left out (their sides are versions, not a preference on one model).
 
 The report is cached per process, keyed by the data it was computed from (the votes' count
-and largest id, the non-active annotators, and the settings), so listing users page after page
+and largest id, the gold pairs and their answers, the non-active annotators, and the
+settings), so listing users page after page
 or polling ``/stats`` reads one small key query until a vote arrives or a status changes.
 """
 
@@ -157,6 +158,13 @@ def quality_report(
     if max_vote_id is not None:
         return _compute(session, settings, max_vote_id)
     count, max_id = session.execute(select(func.count(), func.max(Vote.id))).one()
+    gold = tuple(
+        session.execute(
+            select(
+                func.count(Pair.gold_answer), func.count().filter(Pair.gold_answer == "a")
+            ).where(Pair.gold_answer.is_not(None))
+        ).one()
+    )
     others = tuple(
         session.execute(
             select(User.id, User.status).where(User.status != UserStatus.active).order_by(User.id)
@@ -165,6 +173,7 @@ def quality_report(
     key = (
         int(count or 0),
         max_id,
+        gold,
         tuple((u, str(s)) for u, s in others),
         settings.fast_vote_ms,
         settings.gold_accuracy_floor,

@@ -132,3 +132,94 @@ def test_agreement_in_stats_and_users_by_hand(env, client):
     # two annotators, every comparison involves both: each one's alpha is the overall alpha
     assert users[u1]["krippendorff_alpha"] == expected == users[u2]["krippendorff_alpha"]
     assert got["cohen_kappa"] == []  # overlap 2 < kappa_min_overlap (20)
+
+
+# ---------------------------------------------------------------------------- gold pairs
+def _files(env) -> int:
+    return sum(1 for p in env.state.settings.images_dir.rglob("*") if p.is_file())
+
+
+def _counts(env) -> tuple[int, int, int]:
+    from sqlalchemy import func
+
+    from backend.models import Image
+    from backend.models import Prompt as P
+
+    with env.state.db.read_session() as s:
+        return tuple(  # type: ignore[return-value]
+            s.scalar(select(func.count()).select_from(t)) for t in (Pair, Image, P)
+        )
+
+
+def test_upload_gold_pair_and_bad_uploads_write_nothing(env, client):
+    admin = env.admin_headers()
+    png = env.png()
+    files = {"image_a": ("a.png", png, "image/png"), "image_b": ("b.png", png, "image/png")}
+    r = client.post(
+        "/api/v1/pairs/gold",
+        headers=admin,
+        data={"prompt": "  a   blue square ", "answer": "b"},
+        files=files,
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["kind"], body["gold_answer"], body["active"]) == ("gold", "b", True)
+    with env.state.db.read_session() as s:
+        pair = s.get(Pair, body["id"])
+        assert s.get(Prompt, pair.prompt_id).text == "a blue square"
+    before, files_before = _counts(env), _files(env)
+    bad = [
+        ({"prompt": "x", "answer": "b"}, {**files, "image_b": ("b.png", b"not an image", "x")}),
+        ({"prompt": "x", "answer": "b"}, {**files, "image_b": ("b.png", png[:40], "image/png")}),
+        ({"prompt": "x", "answer": "c"}, files),
+        ({"prompt": "   ", "answer": "a"}, files),
+        ({"prompt": "x\x00y", "answer": "a"}, files),
+    ]
+    for data, f in bad:
+        r = client.post("/api/v1/pairs/gold", headers=admin, data=data, files=f)
+        assert r.status_code == 422, (data, r.text)
+    assert _counts(env) == before and _files(env) == files_before
+    ann = env.user("nogold")[1]
+    assert client.post("/api/v1/pairs/gold", headers=ann, data={}, files=files).status_code in (
+        401,
+        403,
+        422,
+    )
+
+
+def test_mark_existing_pair_gold_scores_its_votes(env, client):
+    from backend.models import PairKind
+
+    ((pair_id, image_a, _image_b),) = env.pairs(1)
+    uid, h = env.user("marked")
+    _vote_all(client, h, 1, "left")
+    with env.state.db.read_session() as s:
+        winner = s.scalar(select(Vote.winner_image_id).where(Vote.user_id == uid))
+    voted = "a" if winner == image_a else "b"
+    wrong = "b" if voted == "a" else "a"
+    admin = env.admin_headers()
+    assert _snapshot(env)[1]["votes_in"] == 1
+    users = {u["id"]: u for u in client.get("/api/v1/users", headers=admin).json()["data"]}
+    assert users[uid]["gold_seen"] == 0  # (and the report is now cached)
+    r = client.post(f"/api/v1/pairs/{pair_id}/gold", headers=admin, json={"answer": wrong})
+    assert r.status_code == 200 and r.json()["kind"] == "gold"
+    assert _snapshot(env)[1]["votes_in"] == 0  # gold pairs never train
+    users = {u["id"]: u for u in client.get("/api/v1/users", headers=admin).json()["data"]}
+    assert (users[uid]["gold_seen"], users[uid]["gold_correct"]) == (1, 0)
+    ((ab_pair, _, _),) = env.pairs(1)
+    with env.state.db.transaction() as s:
+        s.get(Pair, ab_pair).kind = PairKind.ab  # the check is on the kind alone
+    assert (
+        client.post(
+            f"/api/v1/pairs/{ab_pair}/gold", headers=admin, json={"answer": "a"}
+        ).status_code
+        == 409
+    )
+    assert (
+        client.post("/api/v1/pairs/999999/gold", headers=admin, json={"answer": "a"}).status_code
+        == 404
+    )
+    r = client.post(f"/api/v1/pairs/{pair_id}/gold", headers=admin, json={"answer": "left"})
+    assert r.status_code == 422
+    r = client.post(f"/api/v1/pairs/{pair_id}/gold", headers=h, json={"answer": "a"})
+    assert r.status_code == 403

@@ -5,6 +5,7 @@ from fastapi import APIRouter
 from backend.api.routes import (
     auth,
     datasets,
+    gold,
     images,
     leaderboard,
     pairs,
@@ -30,6 +31,7 @@ for _module in (
     versions,
     leaderboard,
     datasets,
+    gold,
     stats,
 ):
     api_router.include_router(_module.router)
