@@ -266,10 +266,14 @@ def test_build_targets_exist_in_dockerfile(resolved: dict[str, Any]) -> None:
         assert Path(build["context"]).resolve() == REPO_ROOT, name
         assert build["dockerfile"] == "docker/Dockerfile", name
         assert build["target"] in stages, name
-        assert build["args"]["TORCH_INDEX_URL"].startswith("https://"), name
+        if build["target"] == "api":  # the API image installs no torch
+            assert "TORCH_INDEX_URL" not in build.get("args", {}), name
+        else:
+            assert build["args"]["TORCH_INDEX_URL"].startswith("https://"), name
     gpu_index = resolved["services"]["worker-train"]["build"]["args"]["TORCH_INDEX_URL"]
     assert re.search(r"/cu12\d+$", gpu_index), gpu_index
-    assert resolved["services"]["api"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/cpu")
+    cpu_index = resolved["services"]["worker-cpu"]["build"]["args"]["TORCH_INDEX_URL"]
+    assert cpu_index.endswith("/cpu")
 
 
 # --- the raw files -----------------------------------------------------------------------------
@@ -311,8 +315,15 @@ def test_dockerfile() -> None:
     ]
     installs = re.findall(r"pip install (torch==\S+) --index-url \"\$\{TORCH_INDEX_URL\}\"", text)
     assert installs and set(installs) == {torch_pin}
-    project_installs = re.findall(r"^\s+pip install -c constraints\.txt \.$", text, re.M)
+    # Each torch install is followed by the worker extra; the API's deps stage has no torch.
+    project_installs = re.findall(
+        r'^\s+pip install -c constraints\.txt "\.\[worker\]"$', text, re.M
+    )
     assert len(project_installs) == len(installs)
+    api_deps = re.search(r"^FROM\s+\S+\s+AS\s+deps-api\b(.*?)^FROM", text, re.M | re.S)
+    assert api_deps is not None
+    assert '".[api,ui]"' in api_deps.group(1) and "torch" not in api_deps.group(1)
+    assert re.search(r"^COPY --from=deps-api /opt/venv /opt/venv$", text, re.M)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and all(user not in {"root", "0"} for user in users)
     api_from = re.search(r"^FROM\s+\S+\s+AS\s+api\b", text, re.M | re.I)
