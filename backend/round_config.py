@@ -35,6 +35,7 @@ ROUND_ONLY_FIELDS: frozenset[str] = frozenset(
         "fidelity_sampling_steps",
         "label_rule",
         "exclude_flagged",
+        "data_source",
     }
 )
 #: RoundConfig fields stored under another name (and form) in TrainConfig: API name -> trainer's.
@@ -131,6 +132,11 @@ class RoundConfig(BaseModel):
         "docs/data-quality.md): each (every vote trains), majority (one label per pair, a tie "
         "at the top drops the pair), dawid_skene (one label per pair, votes weighted by each "
         "annotator's estimated accuracy).",
+    )
+    data_source: Literal["collected", "imported", "both"] = Field(
+        "both",
+        description="Which votes the round trains on: collected (pairs the pool made), "
+        "imported (Pick-a-Pic imports, cross-model pairs included) or both.",
     )
     exclude_flagged: bool = Field(
         False,

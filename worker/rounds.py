@@ -18,8 +18,9 @@ The round's code, by job:
 
 1. **Claim** (:mod:`worker.round_state`). The round becomes ``running`` under this task's id,
    unless it is finished, owned by another live worker, or out of attempts.
-2. **Dataset snapshot.** Within-version votes with ``id <= snapshot_max_vote_id`` (so a retry
-   sees the same data), by active annotators (flagged ones left out with
+2. **Dataset snapshot.** Within-version votes, and votes on imported cross-model pairs, of
+   ``config.data_source``, with ``id <= snapshot_max_vote_id`` (so a retry sees the same
+   data), by active annotators (flagged ones left out with
    ``config.exclude_flagged``): left/right as (winner, loser), ties only when
    ``config.include_ties``, both-bad and skip never, made into labels by
    ``config.label_rule`` (``metrics["labels"]`` counts what it kept). Images are read from
@@ -170,13 +171,15 @@ def snapshot_rows(
     include_ties: bool,
     label_rule: str = "each",
     exclude_users: frozenset[int] = frozenset(),
+    data_source: str = "both",
 ) -> tuple[list[Any], dict[str, Any]]:
     """The round's labels: ``(choice, winner_image_id, prompt, a_id, a_path, b_id, b_path)``,
     and the label counts for its metrics.
 
     :func:`backend.services.rounds.training_votes` (the one definition of the votes a round
-    trains on: within-version pairs, active annotators, left/right plus ties when
-    ``include_ties``) up to ``max_vote_id``, with each pair's prompt and images, made into
+    trains on: within-version pairs and imported cross-model pairs of ``data_source``, active
+    annotators, left/right plus ties when ``include_ties``) up to ``max_vote_id``, with each
+    pair's prompt and images, made into
     labels by :func:`backend.services.rounds.label_snapshot` (``label_rule``, the votes of
     ``exclude_users`` left out).
     """
@@ -194,6 +197,7 @@ def snapshot_rows(
             img_b.storage_path,
             include_ties=include_ties,
             max_vote_id=max_vote_id,
+            data_source=data_source,
         )
         .join(Prompt, Prompt.id == Pair.prompt_id)
         .join(img_a, img_a.id == Pair.image_a_id)
@@ -531,6 +535,7 @@ def _execute(
             include_ties=cfg.include_ties,
             label_rule=rc.label_rule,
             exclude_users=flagged,
+            data_source=rc.data_source,
         )
         chain = model_registry.lineage(session, parent_id, settings.models_dir)
         session.rollback()

@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from backend import aggregation
@@ -34,26 +34,48 @@ from backend.services.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
+#: ``Pair.source`` of the pairs a dataset import made (``backend.services.datasets``).
+IMPORT_SOURCE = "import"
+
 
 def training_votes(
-    *columns: Any, include_ties: bool, max_vote_id: int | None = None
+    *columns: Any,
+    include_ties: bool,
+    max_vote_id: int | None = None,
+    data_source: str = "both",
 ) -> Select[Any]:
     """``SELECT columns`` over *the votes a round trains on*: the one definition, used for the
     count admins see (``snapshot_vote_count``), the schedule, and the worker's snapshot.
 
-    Votes on within-version pairs (never A/B, cross-version or gold pairs), by active annotators
-    (never banned or shadow-banned ones), left or right, plus ties when ``include_ties``; both-bad and skip never;
-    with ``id <= max_vote_id`` when given. ``votes`` is joined to ``pairs`` and ``users``;
-    callers join more (prompts, images) and order as they need.
+    Votes on within-version pairs, and on imported cross-model pairs (Pick-a-Pic's: fixed
+    images of two outside models, Diffusion-DPO's own setting), never on A/B, gold or
+    collected cross-version pairs; by active annotators (never banned or shadow-banned ones);
+    left or right, plus ties when ``include_ties``; both-bad and skip never; with
+    ``id <= max_vote_id`` when given. ``data_source``: ``collected`` (pairs the pool made),
+    ``imported`` (dataset imports) or ``both``. ``votes`` is joined to ``pairs`` and
+    ``users``; callers join more (prompts, images) and order as they need.
     """
     choices = [Choice.left, Choice.right] + ([Choice.tie] if include_ties else [])
+    imported = Pair.source == IMPORT_SOURCE
+    pairs = {
+        "collected": and_(Pair.kind == PairKind.within_version, Pair.source != IMPORT_SOURCE),
+        "imported": and_(
+            imported, Pair.kind.in_([PairKind.within_version, PairKind.cross_version])
+        ),
+        "both": or_(
+            Pair.kind == PairKind.within_version,
+            and_(imported, Pair.kind == PairKind.cross_version),
+        ),
+    }
+    if data_source not in pairs:
+        raise ValueError(f"data_source must be one of {sorted(pairs)}, not {data_source!r}")
     q = (
         select(*columns)
         .select_from(Vote)
         .join(Pair, Pair.id == Vote.pair_id)
         .join(User, User.id == Vote.user_id)
         .where(
-            Pair.kind == PairKind.within_version,
+            pairs[data_source],
             Vote.choice.in_(choices),
             User.status == UserStatus.active,
         )
@@ -120,9 +142,13 @@ def label_snapshot(
 
 
 def _training_votes(config: RoundConfig | None = None) -> Select[Any]:
-    """``(count, max id)`` of the training votes (ties as ``config`` says; default: with)."""
+    """``(count, max id)`` of the training votes (ties and data source as ``config`` says;
+    default: with ties, both sources)."""
     include_ties = config is None or config.include_ties
-    return training_votes(func.count(), func.max(Vote.id), include_ties=include_ties)
+    source = config.data_source if config is not None else "both"
+    return training_votes(
+        func.count(), func.max(Vote.id), include_ties=include_ties, data_source=source
+    )
 
 
 def commit_and_dispatch(

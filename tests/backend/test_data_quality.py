@@ -223,3 +223,69 @@ def test_mark_existing_pair_gold_scores_its_votes(env, client):
     assert r.status_code == 422
     r = client.post(f"/api/v1/pairs/{pair_id}/gold", headers=h, json={"answer": "a"})
     assert r.status_code == 403
+
+
+# ---------------------------------------------------------------------------- imported data
+def _import(env, client, rows) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}), buf)
+    r = client.post(
+        "/api/v1/import",
+        headers=env.admin_headers(),
+        files={"file": ("pap.parquet", buf.getvalue(), "application/octet-stream")},
+    )
+    assert r.status_code == 201, r.text
+
+
+def test_imported_cross_model_pair_reaches_the_snapshot_by_data_source(env, client):
+    png = env.png()
+    row = {"jpg_0": png, "jpg_1": png, "label_0": 1.0, "label_1": 0.0, "user_id": 7}
+    _import(
+        env,
+        client,
+        [
+            {**row, "caption": "cross one", "model_0": "sdxl", "model_1": "sd15"},
+            {
+                **row,
+                "caption": "same one",
+                "model_0": "sdxl",
+                "model_1": "sdxl",
+                "label_0": 0.0,
+                "label_1": 1.0,
+            },
+        ],
+    )
+    env.pairs(1)
+    _, h = env.user("collector")
+    _vote_all(client, h, 1)
+
+    def snapshot(source):
+        with env.state.db.read_session() as s:
+            q = round_service.training_votes(
+                Prompt.text, Pair.kind, include_ties=False, data_source=source
+            ).join(Prompt, Prompt.id == Pair.prompt_id)
+            return sorted((text, str(kind)) for text, kind in s.execute(q).all())
+
+    imported = [("cross one", "cross_version"), ("same one", "within_version")]
+    assert snapshot("imported") == imported
+    collected = snapshot("collected")
+    assert len(collected) == 1 and collected[0][1] == "within_version"
+    assert snapshot("both") == sorted(imported + collected)
+    # the label: image_0 won the cross-model pair, image_1 the other
+    labels, summary, _ = _snapshot(env, "majority")
+    assert summary["pairs_kept"] == 3
+    admin = env.admin_headers()
+    for source, n in (("imported", 2), ("collected", 1), ("both", 3)):
+        r = client.post("/api/v1/rounds", headers=admin, json={"config": {"data_source": source}})
+        assert r.status_code in (200, 201, 202), r.text
+        rid = r.json()["round_id"]
+        got = client.get(f"/api/v1/rounds/{rid}", headers=admin).json()
+        assert got["snapshot_vote_count"] == n
+        client.post(f"/api/v1/rounds/{rid}/cancel", headers=admin)
+    r = client.post("/api/v1/rounds", headers=admin, json={"config": {"data_source": "web"}})
+    assert r.status_code == 422
