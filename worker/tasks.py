@@ -21,6 +21,7 @@ every worker (``app.conf.imports``). The tasks are ``shared_task`` so that an ap
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any
 
@@ -106,7 +107,12 @@ def check_ab_tests() -> list[dict[str, Any]]:
 
 @worker_init.connect
 def _serve_metrics(**_: Any) -> None:
-    # Each worker serves its own /metrics when PREFLOOP_WORKER_METRICS_PORT is set.
+    # Each worker serves its own /metrics when PREFLOOP_WORKER_METRICS_PORT is set. A prefork
+    # worker's children share PROMETHEUS_MULTIPROC_DIR, emptied here, before they start.
+    from backend.observability import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    if os.environ.get(MULTIPROC_ENV):
+        prepare_multiprocess_dir(os.environ[MULTIPROC_ENV])
     metrics.start_server(_settings().worker_metrics_port)
 
 
