@@ -32,7 +32,9 @@ JSONL export (:func:`export_jsonl_lines`)
 Parquet import (:func:`read_pickapic_parquet`)
     Required columns: ``caption, jpg_0, jpg_1, label_0, label_1``. Optional: ``model_0,
     model_1`` (missing or null become ``""``), ``user_id`` (missing or null become ``None``),
-    ``has_label`` (rows where it is false carry no preference and are skipped). Every row
+    ``has_label`` (rows where it is false carry no preference and are skipped), and
+    ``ranking_id``, ``created_at``, ``image_0_uid``, ``image_1_uid``, which an import keeps so
+    that its export gives them back (the round trip is lossless for imported rows). Every row
     read is validated (labels, images decodable by Pillow, caption present) before anything
     is returned, so the caller can write all rows or none.
 """
@@ -127,6 +129,14 @@ class ImportedPair:
     model_0: str
     model_1: str
     user_id: int | None
+    ranking_id: int | None = None
+    created_at: datetime | None = None
+    image_0_uid: str | None = None
+    image_1_uid: str | None = None
+
+
+#: Longest image uid an import keeps (``images.external_uid``).
+MAX_IMAGE_UID_CHARS = 128
 
 
 def _check_labels(rec: ExportRecord) -> tuple[float, float]:
@@ -317,7 +327,20 @@ def read_pickapic_parquet(data: bytes, *, max_rows: int | None = None) -> list[I
             + ", ".join(missing)
             + f" (file has: {', '.join(schema.names) or 'no columns'})"
         )
-    optional = [c for c in ("model_0", "model_1", "user_id", "has_label") if c in present]
+    optional = [
+        c
+        for c in (
+            "model_0",
+            "model_1",
+            "user_id",
+            "has_label",
+            "ranking_id",
+            "created_at",
+            "image_0_uid",
+            "image_1_uid",
+        )
+        if c in present
+    ]
     columns = list(REQUIRED_IMPORT_COLUMNS) + optional
 
     pairs: list[ImportedPair] = []
@@ -353,6 +376,29 @@ def read_pickapic_parquet(data: bytes, *, max_rows: int | None = None) -> list[I
                     raise DatasetFormatError(
                         f"row {r}: user_id must be an integer, got {user_id!r}"
                     )
+                ranking_id = cols["ranking_id"][j] if "ranking_id" in cols else None
+                if ranking_id is not None and (
+                    isinstance(ranking_id, bool) or not isinstance(ranking_id, int)
+                ):
+                    raise DatasetFormatError(
+                        f"row {r}: ranking_id must be an integer, got {ranking_id!r}"
+                    )
+                created_at = cols["created_at"][j] if "created_at" in cols else None
+                if created_at is not None and not isinstance(created_at, datetime):
+                    raise DatasetFormatError(
+                        f"row {r}: created_at must be a timestamp, got {created_at!r}"
+                    )
+                uids = []
+                for name in ("image_0_uid", "image_1_uid"):
+                    uid = cols[name][j] if name in cols else None
+                    if uid is not None and (
+                        not isinstance(uid, str) or len(uid) > MAX_IMAGE_UID_CHARS or "\x00" in uid
+                    ):
+                        raise DatasetFormatError(
+                            f"row {r}: {name} must be a string of at most "
+                            f"{MAX_IMAGE_UID_CHARS} characters, got {uid!r:.80}"
+                        )
+                    uids.append(uid or None)
                 models = []
                 for name in ("model_0", "model_1"):
                     m = cols[name][j] if name in cols else None
@@ -369,6 +415,14 @@ def read_pickapic_parquet(data: bytes, *, max_rows: int | None = None) -> list[I
                         model_0=models[0],
                         model_1=models[1],
                         user_id=user_id,
+                        ranking_id=ranking_id,
+                        created_at=(
+                            created_at.replace(tzinfo=UTC)
+                            if created_at is not None and created_at.tzinfo is None
+                            else created_at
+                        ),
+                        image_0_uid=uids[0],
+                        image_1_uid=uids[1],
                     )
                 )
                 if max_rows is not None and len(pairs) >= max_rows:

@@ -239,6 +239,9 @@ class Image(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     storage_path: Mapped[str] = mapped_column(String(512), doc="Relative to the images dir.")
     media_type: Mapped[str] = mapped_column(String(64), default="image/png")
+    external_uid: Mapped[str | None] = mapped_column(
+        String(128), doc="An imported image's uid in its dataset (Pick-a-Pic's image_0_uid)."
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -325,6 +328,9 @@ class Vote(Base):
     )
     client_vote_id: Mapped[str | None] = mapped_column(String(64))
     latency_ms: Mapped[int | None] = mapped_column(Integer)
+    external_ranking_id: Mapped[int | None] = mapped_column(
+        BigInteger, doc="An imported vote's id in its dataset (Pick-a-Pic's ranking_id)."
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

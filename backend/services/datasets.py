@@ -12,6 +12,11 @@ Import: each row becomes a prompt (reused when the text exists), two images, a p
 (``source="import"``, within-version when ``model_0 == model_1``, else cross-version), an
 assignment and a vote, by a login-less annotator ``pickapic:<user_id>``; each outside model
 becomes a retired version ``external:<name>``. All in the caller's transaction.
+
+Round trip: an import keeps each vote's ``ranking_id`` and ``created_at`` and each image's
+uid, and an export of an imported row gives back the original ``user_id`` (from the account
+name), ``ranking_id``, ``created_at``, model names and image uids. Rows the server collected
+export our own ids (vote id, user id, image id) and version names.
 """
 
 from __future__ import annotations
@@ -49,7 +54,23 @@ from backend.text_input import TextProblem, check_text
 
 EXPORT_BATCH = 200
 #: An outside model's name becomes the version ``external:<name>`` (255 characters).
-MAX_MODEL_NAME_CHARS = 255 - len("external:")
+EXTERNAL_PREFIX = "external:"
+MAX_MODEL_NAME_CHARS = 255 - len(EXTERNAL_PREFIX)
+#: An imported annotator is the account ``pickapic:<their user_id>``.
+IMPORTED_USER_PREFIX = "pickapic:"
+
+
+def _model_name(version_name: str) -> str:
+    """An outside model's own name (``external:sdxl`` -> ``sdxl``); our versions' as they are."""
+    return version_name.removeprefix(EXTERNAL_PREFIX)
+
+
+def _exported_user_id(username: str, user_id: int) -> int:
+    """An imported annotator's id in their dataset (``pickapic:123`` -> 123), else ours."""
+    rest = username.removeprefix(IMPORTED_USER_PREFIX)
+    if rest != username and rest.isascii() and rest.isdigit():
+        return int(rest)
+    return user_id
 
 
 def iter_export_records(session: Session, store: ImageStore) -> Iterator[Any]:
@@ -71,6 +92,10 @@ def iter_export_records(session: Session, store: ImageStore) -> Iterator[Any]:
             ib.storage_path,
             va.name,
             vb.name,
+            User.username,
+            Vote.external_ranking_id,
+            ia.external_uid,
+            ib.external_uid,
         )
         .select_from(Vote)
         .join(Pair, Pair.id == Vote.pair_id)
@@ -105,6 +130,10 @@ def iter_export_records(session: Session, store: ImageStore) -> Iterator[Any]:
             b_path,
             model_0,
             model_1,
+            username,
+            ranking_id,
+            uid_0,
+            uid_1,
         ) in rows:
             if choice == Choice.tie:
                 label_0 = label_1 = 0.5
@@ -114,14 +143,14 @@ def iter_export_records(session: Session, store: ImageStore) -> Iterator[Any]:
                 caption=caption,
                 image_0=store.read(a_path),
                 image_1=store.read(b_path),
-                image_0_uid=str(a_id),
-                image_1_uid=str(b_id),
+                image_0_uid=uid_0 or str(a_id),
+                image_1_uid=uid_1 or str(b_id),
                 label_0=label_0,
                 label_1=label_1,
-                model_0=model_0,
-                model_1=model_1,
-                user_id=user_id,
-                ranking_id=vote_id,
+                model_0=_model_name(model_0),
+                model_1=_model_name(model_1),
+                user_id=_exported_user_id(username, user_id),
+                ranking_id=ranking_id if ranking_id is not None else vote_id,
                 created_at=as_utc(created_at) or created_at.replace(tzinfo=UTC),
             )
         last_id = rows[-1][0]
@@ -214,7 +243,7 @@ def import_pairs(
         user_key = int(row.user_id) if row.user_id is not None else -1
         user_id = users.get(user_key)
         if user_id is None:
-            username = f"pickapic:{user_key if user_key >= 0 else 'anonymous'}"[:64]
+            username = f"{IMPORTED_USER_PREFIX}{user_key if user_key >= 0 else 'anonymous'}"[:64]
             user_id = session.scalar(select(User.id).where(User.username == username))
             if user_id is None:
                 u = User(
@@ -229,7 +258,10 @@ def import_pairs(
                 created["users"] += 1
             users[user_key] = user_id
         imgs = []
-        for blob, version_id in ((row.image_0, version_ids[0]), (row.image_1, version_ids[1])):
+        for blob, version_id, uid in (
+            (row.image_0, version_ids[0], row.image_0_uid),
+            (row.image_1, version_ids[1], row.image_1_uid),
+        ):
             w, h = _image_size(blob)
             imgs.append(
                 image_service.store_image(
@@ -246,6 +278,7 @@ def import_pairs(
                     height=h,
                 )
             )
+            imgs[-1].external_uid = uid
         kind = (
             PairKind.within_version if version_ids[0] == version_ids[1] else PairKind.cross_version
         )
@@ -277,7 +310,16 @@ def import_pairs(
             choice, winner = Choice.left, imgs[0].id
         else:
             choice, winner = Choice.right, imgs[1].id
-        session.add(Vote(user_id=user_id, pair_id=pair.id, choice=choice, winner_image_id=winner))
+        session.add(
+            Vote(
+                user_id=user_id,
+                pair_id=pair.id,
+                choice=choice,
+                winner_image_id=winner,
+                external_ranking_id=row.ranking_id,
+                **({"created_at": row.created_at} if row.created_at is not None else {}),
+            )
+        )
         n_votes += 1
     session.flush()
     return ImportResult(

@@ -289,3 +289,81 @@ def test_imported_cross_model_pair_reaches_the_snapshot_by_data_source(env, clie
         client.post(f"/api/v1/rounds/{rid}/cancel", headers=admin)
     r = client.post("/api/v1/rounds", headers=admin, json={"config": {"data_source": "web"}})
     assert r.status_code == 422
+
+
+def test_pickapic_round_trip_is_lossless(env, client):
+    """A parquet file written here with pyarrow, imported, exported: user_id, ranking_id,
+    created_at, model names and image uids come back as they went in."""
+    import io
+    from datetime import UTC, datetime
+
+    import pyarrow.parquet as pq
+
+    jpg = io.BytesIO()
+    from PIL import Image as PILImage
+
+    PILImage.new("RGB", (8, 8), (200, 10, 10)).save(jpg, format="JPEG")
+    when = datetime(2023, 5, 1, 12, 34, 56, 789000, tzinfo=UTC)
+    rows = [
+        {
+            "caption": f"round trip {i}",
+            "jpg_0": jpg.getvalue(),
+            "jpg_1": jpg.getvalue(),
+            "label_0": 1.0 - i,
+            "label_1": float(i),
+            "model_0": "sdxl-1.0",
+            "model_1": "sd-1.5" if i == 0 else "sdxl-1.0",
+            "user_id": 424242 + i,
+            "ranking_id": 9_000_000_000 + i,
+            "created_at": when,
+            "image_0_uid": f"3f2a-uid-{i}-0",
+            "image_1_uid": f"3f2a-uid-{i}-1",
+        }
+        for i in (0, 1)
+    ]
+    _import(env, client, rows)
+    r = client.get("/api/v1/export?format=pickapic", headers=env.admin_headers())
+    assert r.status_code == 200
+    got = {
+        row["caption"]: row
+        for row in pq.read_table(io.BytesIO(r.content)).to_pylist()
+        if row["caption"].startswith("round trip")
+    }
+    assert len(got) == 2
+    keys = ("user_id", "ranking_id", "model_0", "model_1", "image_0_uid", "image_1_uid")
+    for row in rows:
+        out = got[row["caption"]]
+        assert {k: out[k] for k in keys} == {k: row[k] for k in keys}
+        assert out["created_at"] == when
+        assert (out["label_0"], out["label_1"]) == (row["label_0"], row["label_1"])
+        assert out["jpg_0"] == row["jpg_0"]  # JPEG kept byte for byte
+
+
+def test_malformed_imports_are_422_and_write_nothing(env, client):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = env.png()
+    good = {"caption": "c", "jpg_0": png, "jpg_1": png, "label_0": 1.0, "label_1": 0.0}
+    bad_tables = [
+        {k: v for k, v in good.items() if k != "label_1"},  # a missing column
+        {**good, "jpg_1": b"\x89PNG\r\n\x1a\n broken"},  # bad image bytes
+        {**good, "ranking_id": "seven"},  # a wrong type
+        {**good, "image_0_uid": "u" * 200},  # too long to keep
+    ]
+    before, files = env.counts(), _files(env)
+    for cols in bad_tables:
+        buf = io.BytesIO()
+        # two rows: the bad one second, so a partial write would show
+        first = {**cols, "caption": "first"}
+        pq.write_table(pa.table({k: [first[k], cols[k]] for k in cols}), buf)
+        r = client.post(
+            "/api/v1/import",
+            headers=env.admin_headers(),
+            files={"file": ("x.parquet", buf.getvalue(), "application/octet-stream")},
+        )
+        assert r.status_code == 422, (list(cols), r.text)
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    assert env.counts() == before and _files(env) == files

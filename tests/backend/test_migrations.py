@@ -43,7 +43,7 @@ def test_migrations_downgrade_and_upgrade_again(db_url):
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
     finally:
         engine.dispose()
 
