@@ -79,7 +79,8 @@ USER_COLUMNS = (
     ("votes_today", "today"),
     ("gold_accuracy", "gold accuracy"),
     ("agreement_with_majority", "agreement"),
-    ("outlier", "flagged"),
+    ("krippendorff_alpha", "α"),
+    ("flags", "flagged"),
 )
 PROMPT_COLUMNS = (("id", "id"), ("active", "active"), ("source", "source"), ("text", "prompt"))
 
@@ -709,7 +710,8 @@ def build_admin_tab(
 
     with gr.Accordion("Annotators", open=True):
         users_df = gr.Dataframe(
-            label="Volume and reliability (gold accuracy, agreement, flagged by the outlier test)",
+            label="Volume and reliability (gold accuracy, agreement, Krippendorff's α; flagged by "
+            "gold accuracy, the outlier test or implausibly fast votes)",
             interactive=False,
             wrap=False,
             elem_id="prefloop-admin-users",
@@ -717,6 +719,7 @@ def build_admin_tab(
         with gr.Row():
             user_pick = gr.Dropdown(label="Annotator", elem_id="prefloop-user-pick", scale=2)
             ban_btn = gr.Button("Ban", variant="stop", scale=1, elem_id="prefloop-ban")
+            shadow_btn = gr.Button("Shadow-ban", scale=1, elem_id="prefloop-shadow-ban")
             unban_btn = gr.Button("Unban", scale=1, elem_id="prefloop-unban")
         with gr.Row():
             new_username = gr.Textbox(label="New username", max_lines=1, scale=2)
@@ -1006,7 +1009,11 @@ def build_admin_tab(
             outputs=[version_md, gallery, status],
             **private,
         )
-    for button, user_status in ((ban_btn, "banned"), (unban_btn, "active")):
+    for button, user_status in (
+        (ban_btn, "banned"),
+        (shadow_btn, "shadow_banned"),  # keeps voting; the votes never train or count
+        (unban_btn, "active"),
+    ):
         button.click(
             lambda s, *sel, st=user_status: run_action(
                 lambda t: actions.set_user_status(t, sel[2], st), s, *sel
