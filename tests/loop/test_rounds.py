@@ -256,6 +256,23 @@ def test_a_round_on_few_pairs_trains_at_most_max_epochs(voted_env: Any, loop: An
     assert n_rows == expected
 
 
+def test_a_majority_round_records_what_its_label_rule_kept(voted_env: Any, loop: Any) -> None:
+    """Issue 12: ``label_rule`` and ``exclude_flagged`` reach the worker's snapshot, and the
+    round's metrics say how many pairs and votes the rule kept."""
+    settings, db, _ = voted_env()
+    round_id = loop.create_round(
+        db, steps=2, batch_size=2, label_rule="majority", exclude_flagged=True
+    )
+    rounds.run_round(round_id, db.write_session, settings, task_id="task-1")
+    rnd = _round(db, round_id)
+    assert RoundStatus(rnd.status) == RoundStatus.succeeded, rnd.error
+    labels = rnd.metrics["labels"]
+    assert labels["rule"] == "majority"
+    assert labels["votes_in"] == rnd.snapshot_vote_count - labels["excluded_votes"]
+    assert labels["pairs_kept"] + labels["contested_pairs"] == labels["pairs_in"]
+    assert rnd.metrics["votes"] == labels["pairs_kept"]  # one label per kept pair
+
+
 def test_too_few_pairs_fails_clearly(voted_env: Any, loop: Any) -> None:
     settings, db, _ = voted_env()
     round_id = loop.create_round(db, min_pairs=10_000)
