@@ -21,6 +21,7 @@ every worker (``app.conf.imports``). The tasks are ``shared_task`` so that an ap
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from typing import Any
@@ -113,7 +114,16 @@ def _serve_metrics(**_: Any) -> None:
 
     if os.environ.get(MULTIPROC_ENV):
         prepare_multiprocess_dir(os.environ[MULTIPROC_ENV])
-    metrics.start_server(_settings().worker_metrics_port)
+    port = _settings().worker_metrics_port
+    try:
+        metrics.start_server(port)
+    except OSError as exc:  # the worker still works; say clearly why there are no metrics
+        logging.getLogger(__name__).error(
+            "worker metrics not served: cannot listen on port %s (%s); give each worker on "
+            "this host its own PREFLOOP_WORKER_METRICS_PORT",
+            port,
+            exc,
+        )
 
 
 @task_failure.connect
