@@ -129,12 +129,12 @@ def label_snapshot(
     else:
         labels = []
         for lab in result.labels:
-            rest = first[lab.pair_id]
+            pair_rest = first[lab.pair_id]
             if lab.label == "tie":
-                labels.append((Choice.tie.value, None, *rest))
+                labels.append((Choice.tie.value, None, *pair_rest))
             else:
-                winner = rest[1] if lab.label == "a" else rest[3]
-                labels.append((Choice.left.value, winner, *rest))
+                winner = pair_rest[1] if lab.label == "a" else pair_rest[3]
+                labels.append((Choice.left.value, winner, *pair_rest))
     summary = result.summary()
     summary["excluded_votes"] = excluded_votes
     summary["excluded_annotators"] = len(excluded_users)
