@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     kappa_min_overlap: int = Field(
         20, ge=2, description="Pairs two annotators must share for their Cohen's kappa."
     )
+    quality_max_age_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        le=86_400.0,
+        description="While votes arrive, the reliability / agreement report of /users and "
+        "/stats is recomputed at most this often (0: after every vote).",
+    )
 
     # Training
     base_model: str = Field("builtin:shapes", min_length=1)

@@ -16,13 +16,16 @@ answer; A/B pairs are left out (their sides are versions, not a preference on on
 
 The report is cached per process, keyed by the data it was computed from (the votes' count
 and largest id, the gold pairs and their answers, the non-active annotators, and the
-settings), so listing users page after page
-or polling ``/stats`` reads one small key query until a vote arrives or a status changes.
+settings), so listing users page after page or polling ``/stats`` costs three small key
+queries. While votes stream in, the report is recomputed at most every
+``PREFLOOP_QUALITY_MAX_AGE_SECONDS`` (a status change, a gold answer or other thresholds
+recompute at once).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -146,7 +149,15 @@ def _compute(session: Session, settings: Settings, max_vote_id: int | None) -> Q
     return QualityReport(votes=len(rows), alpha=alpha, annotators=annotators, kappa=kappa)
 
 
-_cache: dict[str, tuple[tuple[Any, ...], QualityReport]] = {}
+@dataclass
+class _Cached:
+    votes_key: tuple[Any, ...]
+    structure_key: tuple[Any, ...]
+    computed_at: float
+    report: QualityReport
+
+
+_cache: dict[str, _Cached] = {}
 _lock = threading.Lock()
 
 
@@ -154,7 +165,12 @@ def quality_report(
     session: Session, settings: Settings, *, max_vote_id: int | None = None
 ) -> QualityReport:
     """The report over every vote (or those with ``id <= max_vote_id``, for a round's
-    snapshot), cached per database and data version (see the module docstring)."""
+    snapshot, never cached), cached per database (see the module docstring).
+
+    The cached report is reused while the data it was computed from is unchanged; when only
+    new votes arrived, for up to ``settings.quality_max_age_seconds`` more (so a busy server
+    recomputes at most that often). A status change, a gold answer or other thresholds
+    always recompute."""
     if max_vote_id is not None:
         return _compute(session, settings, max_vote_id)
     count, max_id = session.execute(select(func.count(), func.max(Vote.id))).one()
@@ -170,9 +186,8 @@ def quality_report(
             select(User.id, User.status).where(User.status != UserStatus.active).order_by(User.id)
         ).all()
     )
-    key = (
-        int(count or 0),
-        max_id,
+    votes_key = (int(count or 0), max_id)
+    structure_key = (
         gold,
         tuple((u, str(s)) for u, s in others),
         settings.fast_vote_ms,
@@ -180,11 +195,16 @@ def quality_report(
         settings.kappa_min_overlap,
     )
     where = str(session.get_bind().engine.url)
+    now = time.monotonic()
     with _lock:
         hit = _cache.get(where)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if (
+        hit is not None
+        and hit.structure_key == structure_key
+        and (hit.votes_key == votes_key or now - hit.computed_at < settings.quality_max_age_seconds)
+    ):
+        return hit.report
     report = _compute(session, settings, None)
     with _lock:
-        _cache[where] = (key, report)
+        _cache[where] = _Cached(votes_key, structure_key, now, report)
     return report

@@ -121,6 +121,7 @@ def make_settings(db_url: str, data_dir: Path, **overrides: object) -> Settings:
         "login_rate_limit_attempts": 5,
         "login_rate_limit_window_seconds": 60,
         "gold_fraction": 0.0,
+        "quality_max_age_seconds": 0.0,  # every test sees its own votes' report
         "log_json": True,
         "log_level": "WARNING",
         "open_signup": True,

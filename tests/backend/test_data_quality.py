@@ -367,3 +367,26 @@ def test_malformed_imports_are_422_and_write_nothing(env, client):
         assert r.status_code == 422, (list(cols), r.text)
         assert isinstance(r.json()["detail"], str) and r.json()["detail"]
     assert env.counts() == before and _files(env) == files
+
+
+def test_quality_report_is_cached_while_votes_stream_in_and_not_across_status_changes(env, client):
+    from backend.services.quality import quality_report
+
+    env.pairs(4)
+    uid, h = env.user("streamer")
+    _vote_all(client, h, 1, latency_ms=100)
+    slow = env.state.settings.model_copy(update={"quality_max_age_seconds": 3600.0})
+    with env.state.db.read_session() as s:
+        first = quality_report(s, slow)
+    assert first.annotators[uid].timed_votes == 1
+    _vote_all(client, h, 1, latency_ms=100)
+    with env.state.db.read_session() as s:
+        assert quality_report(s, slow) is first  # a new vote: the cached report, for an hour
+        assert quality_report(s, env.state.settings).annotators[uid].timed_votes == 2  # max age 0
+    with env.state.db.read_session() as s:
+        cached = quality_report(s, slow)  # the fresh one is cached now
+    client.patch(
+        f"/api/v1/users/{uid}", headers=env.admin_headers(), json={"status": "shadow_banned"}
+    )
+    with env.state.db.read_session() as s:
+        assert quality_report(s, slow) is not cached  # a status change recomputes at once
