@@ -10,6 +10,7 @@ dispatch it (``backend.services.rounds.commit_and_dispatch``).
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,7 +22,16 @@ from backend.models import RoundStatus, TrainingRound
 from backend.round_config import RoundConfig, resolve_config
 from backend.services import rounds as round_service
 from backend.settings import Settings
-from worker.round_state import ACTIVE, MAX_ATTEMPTS, STALE_AFTER_S, SessionFactory, _now
+from worker.round_state import (
+    ACTIVE,
+    FINISHED,
+    MAX_ATTEMPTS,
+    STALE_AFTER_S,
+    WORK_DIR_PREFIX,
+    SessionFactory,
+    _now,
+    work_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +140,52 @@ def maybe_schedule_round(
     return round_id
 
 
+def remove_finished_work_dirs(session_factory: SessionFactory, settings: Settings) -> list[int]:
+    """Deletes the work directories of rounds that have ended, or whose row is gone.
+
+    A worker removes its round's directory once the round has ended; a worker killed between
+    that round's last database write and the removal leaves it behind. The sweeper finishes
+    the job. A directory of a round that is queued or running is never touched (a re-queued
+    round resumes from its checkpoints there). Returns the round ids whose directory it removed.
+    """
+    parent = work_dir(settings, 0).parent
+    if not parent.is_dir():
+        return []
+    found: dict[int, object] = {}
+    for path in parent.iterdir():
+        suffix = path.name.removeprefix(WORK_DIR_PREFIX)
+        if path.is_dir() and path.name.startswith(WORK_DIR_PREFIX) and suffix.isdigit():
+            found[int(suffix)] = path
+    if not found:
+        return []
+    with session_factory() as session:
+        alive = set(
+            session.scalars(
+                select(TrainingRound.id).where(
+                    TrainingRound.id.in_(found), TrainingRound.status.not_in(FINISHED)
+                )
+            )
+        )
+        session.rollback()
+    removed = sorted(rid for rid in found if rid not in alive)
+    for rid in removed:
+        shutil.rmtree(work_dir(settings, rid), ignore_errors=True)
+    if removed:
+        log.info("sweep: removed the work directories of ended rounds %s", removed)
+    return removed
+
+
 def sweep_and_schedule(
     session_factory: SessionFactory, settings: Settings, dispatcher: Dispatcher
 ) -> dict[str, Any]:
     """The periodic job of ``rounds.sweep``: :func:`sweep`, then :func:`maybe_schedule_round`."""
     result = sweep(session_factory, dispatcher)
+    cleaned = remove_finished_work_dirs(session_factory, settings)
     scheduled = maybe_schedule_round(session_factory, settings, dispatcher)
     return {
         "redispatched": result.redispatched,
         "requeued": result.requeued,
         "failed": result.failed,
+        "work_dirs_removed": cleaned,
         "scheduled": scheduled,
     }

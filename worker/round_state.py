@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -53,6 +54,15 @@ STALE_AFTER_S = 300.0
 STOP_CHECK_EVERY_S = 1.0
 
 ACTIVE = (RoundStatus.running, RoundStatus.evaluating)
+#: A round that has ended: its work directory is no longer needed.
+FINISHED = (RoundStatus.succeeded, RoundStatus.failed, RoundStatus.cancelled)
+#: Work directories of rounds live in ``<models_dir>/rounds/round-<id>``.
+WORK_DIR_PREFIX = "round-"
+
+
+def work_dir(settings: Any, round_id: int) -> Path:
+    """The trainer's directory of a round (checkpoints, the adapter before it is published)."""
+    return Path(settings.models_dir) / "rounds" / f"{WORK_DIR_PREFIX}{round_id}"
 
 
 class RoundFailed(Exception):

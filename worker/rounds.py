@@ -108,6 +108,7 @@ from worker.round_state import (
     _now,
     _set,
     _StopCheck,
+    work_dir,
 )
 from worker.shapes.evaluation import evaluate_against_parent
 
@@ -123,11 +124,6 @@ FULL_WEIGHTS_FILENAME = "unet.safetensors"
 
 def version_name(round_id: int) -> str:
     return f"round-{round_id}"
-
-
-def work_dir(settings: Settings, round_id: int) -> Path:
-    """The trainer's directory of a round (checkpoints, the adapter before it is published)."""
-    return settings.models_dir / "rounds" / f"round-{round_id}"
 
 
 def version_adapter_path(settings: Settings, name: str, filename: str = ADAPTER_FILENAME) -> Path:

@@ -416,6 +416,37 @@ def test_sweep_redispatches_queued_rounds_nobody_started(voted_env: Any, loop: A
     assert _round(db, round_id).celery_task_id == f"task-{round_id}-1"
 
 
+def test_sweep_removes_the_work_dirs_of_ended_rounds_only(voted_env: Any, loop: Any) -> None:
+    """A worker killed after its round's last database write leaves the round's work
+    directory behind; the sweeper removes it, and never touches a live round's."""
+    settings, db, _ = voted_env()
+    ended, live = loop.create_round(db), loop.create_round(db)
+    with db.transaction() as s:
+        s.execute(
+            update(TrainingRound)
+            .where(TrainingRound.id == ended)
+            .values(status=RoundStatus.succeeded)
+        )
+        s.execute(
+            update(TrainingRound).where(TrainingRound.id == live).values(status=RoundStatus.running)
+        )
+    gone = live + ended + 1000  # no such round
+    for rid in (ended, live, gone):
+        d = rounds.work_dir(settings, rid) / "checkpoints"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text("{}")
+    other = rounds.work_dir(settings, 0).parent / "notes"  # not a round's directory
+    other.mkdir()
+    assert round_schedule.remove_finished_work_dirs(db.write_session, settings) == sorted(
+        [ended, gone]
+    )
+    assert not rounds.work_dir(settings, ended).exists()
+    assert not rounds.work_dir(settings, gone).exists()
+    assert (rounds.work_dir(settings, live) / "checkpoints" / "state.json").is_file()
+    assert other.is_dir()
+    assert round_schedule.remove_finished_work_dirs(db.write_session, settings) == []
+
+
 def test_schedule_starts_a_round_every_n_new_votes(voted_env: Any, loop: Any) -> None:
     settings, db, user = voted_env(round_every_n_pairs=3)
     dispatcher = loop.RecordingDispatcher()
