@@ -70,7 +70,8 @@ def test_local_defaults(tmp_path, monkeypatch):
     s = Settings()
     assert s.is_local and s.signup_open
     assert s.db_url == "sqlite:///var/prefloop.db"
-    assert s.celery_broker_url == "sqla+sqlite:///var/broker.db"
+    # absolute, so that every process (whatever its working directory) uses one broker file
+    assert s.celery_broker_url == f"sqla+sqlite:///{(Path('var') / 'broker.db').resolve()}"
     assert s.celery_result_backend.startswith("db+sqlite:///")
     assert s.images_dir == Path("var/images") and s.models_dir == Path("var/models")
     assert s.port == 8000 and s.admin_username == "admin" and s.gold_fraction == 0.1
