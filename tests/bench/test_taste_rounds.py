@@ -46,6 +46,7 @@ def _cell(**kw):
         no_candidate_reason=None,
         heldout_acc=0.62,
         drift=0.1,
+        probe_delta=-0.008,
         ab_wins=90,
         ab_losses=30,
         ab_ties=8,

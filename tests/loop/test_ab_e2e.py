@@ -96,7 +96,7 @@ class ScriptedVoter:
 
 
 def _round(stack: Any) -> dict[str, Any]:
-    round_id = stack.api.call("POST", "/rounds", json={"config": ROUND})["round_id"]
+    round_id = stack.api.client.start_round(stack.api.token, ROUND)
     rnd = stack.follow_round(round_id, timeout=240)
     assert rnd["status"] == "succeeded", (rnd, stack.log_tail("worker"))
     assert rnd["version_id"] is not None, rnd["metrics"]
@@ -109,7 +109,7 @@ def _decide(stack: Any, voter: ScriptedVoter, version_id: int) -> dict[str, Any]
 
 
 def _status(stack: Any, version_id: int) -> str:
-    return str(stack.api.call("GET", f"/versions/{version_id}")["status"])
+    return str(stack.api.client.get_version(stack.api.token, version_id)["status"])
 
 
 def _active_pairs_with(stack: Any, version_id: int) -> int:
@@ -136,7 +136,7 @@ def test_candidate_ab_promote_publish_serve_and_a_loser_rejected(
         voter = ScriptedVoter(stack, "voter-1")
         try:
             assert stack.refill() == 8
-            base = stack.api.call("GET", "/versions")["data"][0]["id"]
+            base = stack.api.client.list_versions(stack.api.token)[0]["id"]
             vote_until(stack, [voter], lambda n: n >= 8, max_seconds=120)
 
             # Round 1 -> a candidate, its A/B gate opened by the human policy.
@@ -197,7 +197,11 @@ def test_candidate_ab_promote_publish_serve_and_a_loser_rejected(
                     assert loser not in body["versions"]
             finally:
                 late.close()
-            board = stack.api.call("GET", "/leaderboard")
+            board = httpx.get(  # the whole body: the typed client returns its rows only
+                f"{stack.url}/api/v1/leaderboard",
+                headers={"Authorization": f"Bearer {stack.api.token}"},
+                timeout=30,
+            ).json()
             rows = {r["version_id"]: r for r in board["data"]}
             assert rows[loser]["status"] == "retired" and rows[cand]["wins"] >= 7
             assert board["win_rates"]
