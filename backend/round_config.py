@@ -207,6 +207,14 @@ class RoundConfig(BaseModel):
         "evaluation falls further, training stops and the best checkpoint within budget is "
         "kept. null disables the probe.",
     )
+    fidelity_patience: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Held-out evaluations in a row past fidelity_budget that stop the round. "
+        "A reading past the budget is never kept either way; 2 lets one noisy reading pass "
+        "when the next is back within budget.",
+    )
     fidelity_units: int = Field(
         64,
         ge=2,

@@ -56,6 +56,7 @@ _NON_DEFAULT: dict[str, tuple[Any, str, Any]] = {
     "early_stopping_min_delta": (0.01, "early_stopping_min_delta", 0.01),
     "drift_budget": (None, "drift_budget", None),
     "fidelity_budget": (0.005, "fidelity_budget", 0.005),
+    "fidelity_patience": (2, "fidelity_patience", 2),
     "checkpoint_every": (7, "checkpoint_every", 7),
     "loss_spike_factor": (6.0, "loss_spike_factor", 6.0),
     "max_median_loss": (None, "max_median_loss", None),
@@ -120,6 +121,7 @@ def test_a_non_default_value_of_every_shared_field_survives_the_mapping():
         ("early_stopping_min_delta", -1e-3),
         ("drift_budget", 0.0),
         ("fidelity_budget", -0.01),
+        ("fidelity_patience", 0),
         ("max_steps_above_chance", 0),
     ],
 )
@@ -139,6 +141,7 @@ def test_new_settings_are_documented_and_resumable_where_it_makes_sense():
         "early_stopping_min_delta",
         "drift_budget",
         "fidelity_budget",
+        "fidelity_patience",
         "max_steps_above_chance",
     }
     for name in new:

@@ -88,6 +88,31 @@ def test_tracker_fidelity_budget_stops_and_keeps_the_last_best_within_it():
     assert u.observe(_ev(10, 0.5, None)) == (True, None)
 
 
+def test_tracker_fidelity_patience_lets_one_noisy_reading_pass():
+    """With fidelity_patience 2, one reading past the budget is skipped (never kept) and the run
+    goes on; a reading back within budget resets the count; two in a row stop it. The state
+    survives a checkpoint round trip."""
+    t = EvalTracker(patience=0, fidelity_budget=0.01, fidelity_patience=2)
+    assert t.observe(_ev(0, LN2, 0.0)) == (True, None)
+    assert t.observe(_ev(10, 0.60, -0.011)) == (False, None)  # past: not kept, not stopped
+    assert t.best is not None and t.best.step == 0
+    assert t.observe(_ev(20, 0.59, -0.009)) == (True, None)  # back within: kept, count reset
+    assert t.observe(_ev(30, 0.50, -0.012)) == (False, None)
+    resumed = EvalTracker(patience=0, fidelity_budget=0.01, fidelity_patience=2)
+    resumed.load_state_dict(t.state_dict())
+    assert resumed.over_fidelity == 1
+    is_best, stop = resumed.observe(_ev(40, 0.45, -0.013))
+    assert not is_best and stop is not None
+    assert "fell by 0.013 at step 40" in stop and "2 readings in a row" in stop
+    assert "keeping step 20" in stop
+    # the early-stopping count sees skipped readings as evaluations that did not improve
+    e = EvalTracker(patience=2, fidelity_budget=0.01, fidelity_patience=3)
+    assert e.observe(_ev(0, LN2, 0.0)) == (True, None)
+    assert e.observe(_ev(10, 0.5, -0.02)) == (False, None)
+    _, stop = e.observe(_ev(20, 0.9, 0.0))
+    assert stop is not None and "not improved for 2 evaluations" in stop
+
+
 def test_the_trainer_reads_the_probe_and_its_budget_stops_the_run(tiny_pixel, tmp_path):
     """The probe's reference is the run's own: at step 0 its change is exactly 0. A scorer that
     punishes any change of the images (against the reference's) falls as soon as the policy

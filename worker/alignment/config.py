@@ -244,6 +244,14 @@ class TrainConfig:
             "disables it."
         ),
     )
+    fidelity_patience: int = field(
+        default=1,
+        metadata=_doc(
+            "Held-out evaluations in a row past fidelity_budget that stop the run. A reading "
+            "past the budget is never kept either way; 1 stops at the first, 2 lets one noisy "
+            "reading pass when the next is back within budget."
+        ),
+    )
 
     # ---------------------------------------------------------------- divergence guard
     loss_spike_factor: float | None = field(
@@ -301,6 +309,7 @@ class TrainConfig:
             "early_stopping_min_delta",
             "drift_budget",
             "fidelity_budget",
+            "fidelity_patience",
             "max_steps_above_chance",
         }
     )
@@ -363,6 +372,7 @@ class TrainConfig:
         self._float("early_stopping_min_delta", minimum=0.0)
         self._float("drift_budget", minimum=0.0, strict=True, optional=True)
         self._float("fidelity_budget", minimum=0.0, optional=True)
+        self._int("fidelity_patience", minimum=1)
 
         self._float("loss_spike_factor", minimum=1.0, strict=True, optional=True)
         self._float("winner_anchor", minimum=0.0)

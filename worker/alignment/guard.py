@@ -134,8 +134,10 @@ class EvalTracker:
 
     - an evaluation whose ``drift`` exceeds ``drift_budget``, or whose ``fidelity`` change is
       below ``-fidelity_budget`` (the probe's paired change against the reference,
-      :mod:`worker.alignment.fidelity`), is never the best, and stops the run (``stop`` says
-      why); the best evaluation so far, within budget, is what the run keeps;
+      :mod:`worker.alignment.fidelity`), is never the best; a drift past budget stops the run
+      at once, a fidelity reading past budget after ``fidelity_patience`` such readings in a
+      row (``stop`` says why); the best evaluation so far, within budget, is what the run
+      keeps;
     - otherwise it is the new best when its held-out loss is below the best's by more than
       ``min_delta`` (the first evaluation is always the best so far);
     - after ``patience`` evaluations in a row that are not the best, ``stop`` says the curve
@@ -149,9 +151,11 @@ class EvalTracker:
     min_delta: float = 0.0
     drift_budget: float | None = None
     fidelity_budget: float | None = None
+    fidelity_patience: int = 1
     evals: list[EvalMetrics] = field(default_factory=list)
     best_index: int | None = None
     since_best: int = 0
+    over_fidelity: int = 0
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> EvalTracker:
@@ -160,6 +164,7 @@ class EvalTracker:
             min_delta=config.early_stopping_min_delta,
             drift_budget=config.drift_budget,
             fidelity_budget=config.fidelity_budget,
+            fidelity_patience=config.fidelity_patience,
         )
 
     @property
@@ -181,11 +186,17 @@ class EvalTracker:
             and m.fidelity is not None
             and m.fidelity < -self.fidelity_budget
         ):
+            self.over_fidelity += 1
+            self.since_best += 1
+            if self.over_fidelity < self.fidelity_patience:
+                return False, None
             kept = f"step {best.step}" if best is not None else "nothing"
+            in_a_row = f" ({self.over_fidelity} readings in a row)" if self.over_fidelity > 1 else ""
             return False, (
                 f"fidelity fell by {-m.fidelity:.4g} at step {m.step}, more than the budget "
-                f"{self.fidelity_budget:g}: stopped, keeping {kept}"
+                f"{self.fidelity_budget:g}{in_a_row}: stopped, keeping {kept}"
             )
+        self.over_fidelity = 0
         if best is None or m.loss < best.loss - self.min_delta:
             self.best_index = len(self.evals) - 1
             self.since_best = 0
@@ -203,9 +214,11 @@ class EvalTracker:
             "evals": [e.as_dict() for e in self.evals],
             "best_index": self.best_index,
             "since_best": self.since_best,
+            "over_fidelity": self.over_fidelity,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.evals = [EvalMetrics(**e) for e in state["evals"]]
         self.best_index = state["best_index"]
         self.since_best = int(state["since_best"])
+        self.over_fidelity = int(state.get("over_fidelity", 0))
