@@ -33,18 +33,26 @@ A scheme is one small function registered by name::
         return ...  # raw W >= 0, length T, float64
 
 :func:`credit_weights` validates and normalises any scheme's output to mean 1 over k, so that β
-keeps its Diffusion-DPO meaning. Only numpy and torch are imported here.
+keeps its Diffusion-DPO meaning.
+
+Only numpy is imported at module level: the API imports this module for the credit plot of
+``GET /api/v1/rounds/credit`` and has no torch (``tests/deploy/test_packaging.py``). The
+``*_array`` functions are numpy throughout; :func:`credit_weights`, :func:`credit_distribution`
+and :class:`TimestepSampler` import torch when called.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CreditParams",
@@ -56,7 +64,9 @@ __all__ = [
     "UnknownCreditSchemeError",
     "available_schemes",
     "credit_distribution",
+    "credit_distribution_array",
     "credit_weights",
+    "credit_weights_array",
     "describe",
     "get_scheme",
     "register_scheme",
@@ -77,7 +87,17 @@ _BAND_EPS = 1e-9  # so that a band edge like 400.0000000001 still includes τ = 
 SamplingMode = Literal["importance", "weighted", "importance-corrected"]
 #: The timestep modes (:class:`TimestepSampler`).
 SAMPLING_MODES: tuple[str, ...] = ("importance", "weighted", "importance-corrected")
-ScheduleLike = np.ndarray | torch.Tensor | Sequence[float]
+if TYPE_CHECKING:
+    ScheduleLike = np.ndarray | torch.Tensor | Sequence[float]
+else:
+    ScheduleLike = Any
+
+
+def _is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (when torch was never
+    imported, nothing can be a tensor)."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,8 +196,8 @@ def _as_schedule(alphas_cumprod: ScheduleLike) -> np.ndarray:
     Requires a 1-D, finite, non-increasing array with 0 < ᾱ_k < 1: ᾱ_T = 0 (zero terminal SNR)
     makes a_T infinite, and ᾱ_1 = 1 makes b_2 divide by zero.
     """
-    if isinstance(alphas_cumprod, torch.Tensor):
-        arr = alphas_cumprod.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if _is_tensor(alphas_cumprod):
+        arr = alphas_cumprod.detach().cpu().double().numpy()
     else:
         arr = np.asarray(alphas_cumprod, dtype=np.float64)
     if arr.ndim != 1 or arr.shape[0] < 1:
@@ -317,11 +337,11 @@ def _raw_credit(
     return raw
 
 
-def credit_weights(
+def credit_weights_array(
     scheme: str | CreditScheme,
     alphas_cumprod: ScheduleLike,
     params: CreditParams | None = None,
-) -> torch.Tensor:
+) -> np.ndarray:
     """The scheme's credit, normalised to mean 1 over k.
 
     Args:
@@ -330,11 +350,32 @@ def credit_weights(
         params: scheme settings; ``None`` means the defaults.
 
     Returns:
-        ``[T]`` float64 CPU tensor W with W >= 0 and W.mean() == 1; entry i is the weight of
+        ``[T]`` float64 array W with W >= 0 and W.mean() == 1; entry i is the weight of
         diffusers timestep i.
     """
     raw = _raw_credit(scheme, alphas_cumprod, params)
-    return torch.from_numpy(raw * (raw.shape[0] / raw.sum()))
+    return raw * (raw.shape[0] / raw.sum())
+
+
+def credit_distribution_array(
+    scheme: str | CreditScheme,
+    alphas_cumprod: ScheduleLike,
+    params: CreditParams | None = None,
+) -> np.ndarray:
+    """p(k) = W(k) / Σ W: ``[T]`` float64 array summing to 1, entry i = diffusers timestep i."""
+    raw = _raw_credit(scheme, alphas_cumprod, params)
+    return raw / raw.sum()
+
+
+def credit_weights(
+    scheme: str | CreditScheme,
+    alphas_cumprod: ScheduleLike,
+    params: CreditParams | None = None,
+) -> torch.Tensor:
+    """:func:`credit_weights_array` as a ``[T]`` float64 CPU tensor (mean 1)."""
+    import torch
+
+    return torch.from_numpy(credit_weights_array(scheme, alphas_cumprod, params))
 
 
 def credit_distribution(
@@ -342,9 +383,10 @@ def credit_distribution(
     alphas_cumprod: ScheduleLike,
     params: CreditParams | None = None,
 ) -> torch.Tensor:
-    """p(k) = W(k) / Σ W: ``[T]`` float64 CPU tensor summing to 1, entry i = diffusers timestep i."""
-    raw = _raw_credit(scheme, alphas_cumprod, params)
-    return torch.from_numpy(raw / raw.sum())
+    """:func:`credit_distribution_array` as a ``[T]`` float64 CPU tensor (summing to 1)."""
+    import torch
+
+    return torch.from_numpy(credit_distribution_array(scheme, alphas_cumprod, params))
 
 
 @dataclass(frozen=True)
@@ -375,9 +417,7 @@ class CreditSummary:
 
 def describe(dist: torch.Tensor | np.ndarray | Sequence[float]) -> CreditSummary:
     """Quantiles of a distribution (or of unnormalised non-negative weights) over steps 1..T."""
-    p = np.asarray(
-        dist.detach().cpu().numpy() if isinstance(dist, torch.Tensor) else dist, dtype=np.float64
-    )
+    p = np.asarray(dist.detach().cpu().numpy() if _is_tensor(dist) else dist, dtype=np.float64)
     if p.ndim != 1 or p.shape[0] < 1 or np.any(p < 0) or not np.all(np.isfinite(p)):
         raise ValueError("dist must be a non-empty 1-D array of finite non-negative values")
     total = p.sum()
@@ -471,6 +511,8 @@ class TimestepSampler:
             mode; the trainer puts them inside the log-sigmoid, and for
             ``"importance-corrected"`` also divides the pair's loss by them).
         """
+        import torch
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         draw_device = generator.device if generator is not None else torch.device("cpu")
