@@ -394,6 +394,26 @@ class RoundMetricsPublic(BaseModel):
     data: list[RoundMetricPublic]
 
 
+class CreditCurvePublic(BaseModel):
+    """A credit scheme over a base model's timesteps (``GET /rounds/credit``), for a plot."""
+
+    scheme: str
+    base_model: str = Field(description="The base model whose noise schedule was used.")
+    num_train_timesteps: int = Field(description="T, the schedule's number of timesteps.")
+    timesteps: list[float] = Field(
+        description="Diffusers timesteps (0 = least noise, T - 1 = most): the middle of the run "
+        "of timesteps each point averages over (every timestep when points >= T)."
+    )
+    weight: list[float] = Field(
+        description="The credit W, normalised to mean 1 over all T timesteps, averaged over "
+        "each point's run (uniform: all 1)."
+    )
+    density: list[float] = Field(
+        description="The probability of drawing a timestep, W / sum W, averaged over each "
+        "point's run (sums to 1 when points >= T)."
+    )
+
+
 # Leaderboard, stats, import ------------------------------------------------------------------
 
 
@@ -443,6 +463,9 @@ class ImportResultPublic(BaseModel):
     prompts_created: int
     annotators_created: int
     versions_created: int
+    rows: int = Field(0, description="Rows of the file read, labelled or not.")
+    rows_unlabelled: int = Field(0, description="Rows read whose has_label is false (skipped).")
+    row_groups: int = Field(0, description="Row groups in the file.")
 
 
 class Health(BaseModel):

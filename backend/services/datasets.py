@@ -11,7 +11,9 @@ and gold (control) pairs are left out.
 Import: each row becomes a prompt (reused when the text exists), two images, a pair
 (``source="import"``, within-version when ``model_0 == model_1``, else cross-version), an
 assignment and a vote, by a login-less annotator ``pickapic:<user_id>``; each outside model
-becomes a retired version ``external:<name>``. All in the caller's transaction.
+becomes a retired version ``external:<name>``. All in the caller's transaction, written as
+the file is read row group by row group (:func:`import_pairs`); a bad row anywhere means the
+caller rolls the whole import back, its image files included.
 
 Round trip: an import keeps each vote's ``ranking_id`` and ``created_at`` and each image's
 uid, and an export of an imported row gives back the original ``user_id`` (from the account
@@ -21,6 +23,7 @@ export our own ids (vote id, user id, image id) and version names.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -163,6 +166,12 @@ class ImportResult:
     prompts_created: int
     annotators_created: int
     versions_created: int
+    #: Rows of the file read (labelled or not; fewer than the file's when ``max_rows`` ends
+    #: the import early), of them without a label (``has_label`` false, skipped), and the
+    #: file's row groups.
+    rows: int = 0
+    rows_unlabelled: int = 0
+    row_groups: int = 0
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
@@ -178,7 +187,7 @@ def _image_size(data: bytes) -> tuple[int, int]:
 
 
 def _checked_caption(i: int, row: Any) -> str:
-    """Row ``i``'s caption, whitespace-normalised; :class:`Invalid` naming the row and field
+    """File row ``i``'s caption, whitespace-normalised; :class:`Invalid` naming the row and field
     when the caption, a model name or an image cannot be stored."""
     caption = " ".join(str(row.caption).split())[:MAX_PROMPT_CHARS]
     if not caption:
@@ -198,28 +207,66 @@ def _checked_caption(i: int, row: Any) -> str:
 def import_pairs(
     session: Session,
     store: ImageStore,
-    data: bytes,
+    source: Any,
     *,
     max_rows: int,
     rng: random.Random | None = None,
+    progress: Any = None,
 ) -> ImportResult:
-    from backend.dataset_io import DatasetFormatError, read_pickapic_parquet
+    """Import a Pick-a-Pic parquet file (``source``: its bytes, a path, or a seekable binary
+    file object, read in place) into the caller's transaction, row group by row group.
+
+    Each row is validated, then written (flushed); at most one batch of its images is held in
+    memory. The first bad row raises :class:`Invalid` (naming the 0-based file row and the
+    column) after earlier rows were flushed: the caller must roll back, which also deletes the
+    image files the import created (:mod:`backend.staging`), so a file writes all its rows or
+    none. ``progress(rows_read, rows_in_file)`` is called after each batch (default: an
+    :class:`backend.dataset_io.ImportProgress`, which logs).
+    """
+    from backend.dataset_io import DatasetFormatError, ImportProgress, open_pickapic_parquet
 
     rng = rng or random.Random()
     try:
-        pairs = read_pickapic_parquet(data, max_rows=max_rows)
+        reader = open_pickapic_parquet(source)
     except DatasetFormatError as exc:
         raise Invalid(f"invalid Pick-a-Pic parquet: {exc}") from None
-    if not pairs:
+    own_progress = progress is None
+    if own_progress:
+        progress = ImportProgress(
+            f"import of {reader.num_rows} rows in {reader.num_row_groups} row groups"
+        )
+    try:
+        with reader:
+            result = _write_pairs(
+                session, store, reader.pairs(max_rows=max_rows, progress=progress), rng
+            )
+    except DatasetFormatError as exc:
+        raise Invalid(f"invalid Pick-a-Pic parquet: {exc}") from None
+    finally:
+        if own_progress:
+            progress.close()
+    if result.pairs == 0:
         raise Invalid("the file holds no pair")
+    return dataclasses.replace(
+        result,
+        rows=reader.rows_read,
+        rows_unlabelled=reader.rows_unlabelled,
+        row_groups=reader.num_row_groups,
+    )
+
+
+def _write_pairs(
+    session: Session, store: ImageStore, pairs: Iterator[Any], rng: random.Random
+) -> ImportResult:
     prompts: dict[str, int] = {}
     users: dict[int, int] = {}
     model_versions: dict[str, int] = {}
     created = {"prompts": 0, "users": 0, "versions": 0}
     n_votes = 0
-    # Validate every row before writing anything (a bad row 2 never follows row 1's writes).
-    captions = [_checked_caption(i, row) for i, row in enumerate(pairs, 1)]
-    for row, caption in zip(pairs, captions, strict=True):
+    n_pairs = 0
+    for row in pairs:
+        caption = _checked_caption(row.row, row)
+        n_pairs += 1
         prompt_id = prompts.get(caption)
         if prompt_id is None:
             prompt_id = session.scalar(select(Prompt.id).where(Prompt.text == caption))
@@ -323,7 +370,7 @@ def import_pairs(
         n_votes += 1
     session.flush()
     return ImportResult(
-        pairs=len(pairs),
+        pairs=n_pairs,
         votes=n_votes,
         prompts_created=created["prompts"],
         annotators_created=created["users"],

@@ -369,6 +369,80 @@ def test_malformed_imports_are_422_and_write_nothing(env, client):
     assert env.counts() == before and _files(env) == files
 
 
+def _multi_group_parquet(rows, row_group_size) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    table = pa.table({k: [r[k] for r in rows] for k in rows[0]})
+    pq.write_table(table, buf, row_group_size=row_group_size)
+    assert pq.ParquetFile(io.BytesIO(buf.getvalue())).num_row_groups > 1
+    return buf.getvalue()
+
+
+def _stream_rows(env, n):
+    return [
+        {
+            "caption": f"streamed {i}",
+            "jpg_0": env.png(),
+            "jpg_1": env.png(),
+            "label_0": 1.0,
+            "label_1": 0.0,
+            "model_0": "sdxl",
+            "model_1": "sd15",
+            "user_id": 50 + i % 2,
+            "has_label": i != 3,  # row 3: no label, read and skipped
+        }
+        for i in range(n)
+    ]
+
+
+def test_multi_row_group_import_streams_every_row(env, client):
+    data = _multi_group_parquet(_stream_rows(env, 11), row_group_size=3)  # 3+3+3+2 rows
+    before, files = env.counts(), _files(env)
+    r = client.post(
+        "/api/v1/import",
+        headers=env.admin_headers(),
+        files={"file": ("big.parquet", data, "application/octet-stream")},
+    )
+    assert r.status_code == 201, r.text
+    assert r.json() == {
+        "pairs": 10,
+        "votes": 10,
+        "prompts_created": 10,
+        "annotators_created": 2,
+        "versions_created": 2,
+        "rows": 11,
+        "rows_unlabelled": 1,
+        "row_groups": 4,
+    }
+    after = env.counts()
+    assert after["pairs"] - before["pairs"] == 10 and after["votes"] - before["votes"] == 10
+    assert after["images"] - before["images"] == 20 and _files(env) - files == 20
+
+
+def test_bad_row_in_the_last_row_group_writes_nothing(env, client):
+    bad_rows = []
+    for field, value in (("jpg_1", b"\x89PNG\r\n\x1a\n broken"), ("label_0", 0.3)):
+        rows = _stream_rows(env, 10)
+        rows[-1][field] = value  # row 9: alone in the last row group
+        bad_rows.append((field, _multi_group_parquet(rows, row_group_size=3)))
+    before, files = env.counts(), _files(env)
+    for field, data in bad_rows:
+        r = client.post(
+            "/api/v1/import",
+            headers=env.admin_headers(),
+            files={"file": ("x.parquet", data, "application/octet-stream")},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith("invalid Pick-a-Pic parquet: row 9:"), r.text
+        assert field in r.json()["detail"]
+    # rows 0-8 were written (and their 18 images stored) before row 9 failed: all rolled back
+    assert env.counts() == before and _files(env) == files
+
+
 def test_quality_report_is_cached_while_votes_stream_in_and_not_across_status_changes(env, client):
     from backend.services.quality import quality_report
 

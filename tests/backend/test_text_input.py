@@ -173,12 +173,12 @@ def _import(client, env, data: bytes):
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ({"caption": NUL}, "row 2: caption: must not contain a NUL character"),
-        ({"model_0": "m\x00"}, "row 2: model_0: must not contain a NUL character"),
-        ({"model_1": "m" * 300}, "row 2: model_1: must have at most 246 characters"),
+        ({"caption": NUL}, "row 1: caption: must not contain a NUL character"),
+        ({"model_0": "m\x00"}, "row 1: model_0: must not contain a NUL character"),
+        ({"model_1": "m" * 300}, "row 1: model_1: must have at most 246 characters"),
     ],
 )
-def test_import_with_bad_row_2_is_422_and_leaves_no_row_and_no_file(env, client, bad, message):
+def test_import_with_bad_second_row_is_422_and_leaves_no_row_and_no_file(env, client, bad, message):
     root = env.state.store.root
     before_rows, before_files = env.counts(), _files(root)
     r = _import(client, env, _parquet(env, [{}, bad]))

@@ -346,3 +346,84 @@ def test_import_max_rows_and_has_label():
     table = pa.table(_valid_table(3, has_label=[False, True, True], label_0=[0.0, 1.0, 1.0]))
     pairs = read_pickapic_parquet(_parquet(table), max_rows=2)
     assert [p.caption for p in pairs] == ["c1", "c2"]
+
+
+# ---------------------------------------------------------------------------- streaming
+def _multi_group(n=10, row_group_size=3, **overrides) -> bytes:
+    """A parquet file of ``n`` rows in row groups of ``row_group_size`` (pyarrow, here)."""
+    buf = io.BytesIO()
+    pq.write_table(pa.table(_valid_table(n, **overrides)), buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+def test_streaming_reads_every_row_group_and_reports_progress(tmp_path):
+    from backend.dataset_io import open_pickapic_parquet
+
+    data = _multi_group(10, 3)  # row groups of 3, 3, 3, 1
+    assert pq.ParquetFile(io.BytesIO(data)).num_row_groups == 4
+    calls = []
+    with open_pickapic_parquet(data) as reader:
+        assert (reader.num_rows, reader.num_row_groups, reader.rows_read) == (10, 4, 0)
+        pairs = list(reader.pairs(progress=lambda done, total: calls.append((done, total))))
+        assert [p.caption for p in pairs] == [f"c{i}" for i in range(10)]
+        assert [p.row for p in pairs] == list(range(10))
+        assert (reader.rows_read, reader.row_groups_read, reader.rows_unlabelled) == (10, 4, 0)
+    # one call per batch; a batch never crosses a row group
+    assert calls == [(3, 10), (6, 10), (9, 10), (10, 10)]
+    # the same from a path and from an open file object
+    path = tmp_path / "pap.parquet"
+    path.write_bytes(data)
+    assert read_pickapic_parquet(str(path)) == pairs
+    with path.open("rb") as fh:
+        assert read_pickapic_parquet(fh) == pairs
+
+
+def test_streaming_batches_inside_a_large_row_group(monkeypatch):
+    import backend.dataset_io as dio
+
+    monkeypatch.setattr(dio, "IMPORT_BATCH_ROWS", 4)
+    calls = []
+    with dio.open_pickapic_parquet(_multi_group(10, 10)) as reader:
+        assert reader.num_row_groups == 1
+        assert len(list(reader.pairs(progress=lambda d, t: calls.append(d)))) == 10
+    assert calls == [4, 8, 10]
+
+
+def test_streaming_bad_row_in_the_last_row_group_is_named():
+    from backend.dataset_io import open_pickapic_parquet
+
+    labels = [1.0] * 9 + [0.3]  # row 9: alone in the 4th row group
+    seen = []
+    with open_pickapic_parquet(_multi_group(10, 3, label_0=labels)) as reader:
+        with pytest.raises(DatasetFormatError, match=r"row 9: \(label_0, label_1\) = \(0.3, 0.0\)"):
+            for p in reader.pairs():
+                seen.append(p.row)
+    assert seen == list(range(9))  # the caller saw the earlier rows: it must roll back
+
+
+def test_streaming_counts_unlabelled_rows_and_stops_at_max_rows():
+    from backend.dataset_io import open_pickapic_parquet
+
+    has_label = [True, False, False, True, True, True, True]
+    data = _multi_group(7, 2, has_label=has_label)
+    with open_pickapic_parquet(data) as reader:
+        got = [p.caption for p in reader.pairs(max_rows=3)]
+        assert got == ["c0", "c3", "c4"]
+        # stopped at row 4 (the 3rd labelled row): rows 5 and 6 were never read
+        assert (reader.rows_read, reader.rows_unlabelled) == (5, 2)
+
+
+def test_import_progress_logs_without_a_terminal(caplog):
+    import logging
+
+    from backend.dataset_io import ImportProgress
+
+    with caplog.at_level(logging.INFO, logger="backend.dataset_io"):
+        with ImportProgress("imp", bar=False, every_s=3600) as progress:
+            progress(3, 10)  # first call: logged
+            progress(6, 10)  # within every_s: not logged
+            progress(10, 10)  # the end: always logged
+    assert [r.getMessage() for r in caplog.records] == [
+        "imp: 3/10 rows read (30%)",
+        "imp: 10/10 rows read (100%)",
+    ]

@@ -248,7 +248,7 @@ def test_export_then_import_round_trips_the_votes(cli, live_api, tmp_path: Path)
 
     code, out, _ = cli("import", str(parquet), "--json")
     result = json.loads(out)
-    assert code == 0 and (result["pairs"], result["votes"]) == (2, 2)
+    assert code == 0 and (result["pairs"], result["votes"], result["rows"]) == (2, 2, 2)
     code, _, err = cli("import", str(tmp_path / "missing.parquet"))
     assert code == 2 and "cannot read" in err
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")

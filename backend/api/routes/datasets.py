@@ -69,14 +69,16 @@ def import_dataset(
     admin: AdminUser,
 ) -> ImportResultPublic:
     """Import Pick-a-Pic parquet rows as pairs with votes (all or nothing; 422 on a bad
-    file; 413 above the upload limit)."""
+    file; 413 above the upload limit). The upload, spooled to a temporary file by the
+    multipart parser, is read in place row group by row group, never copied whole into
+    memory; the result counts the file's rows read and its row groups."""
     try:
         import backend.dataset_io  # noqa: F401
     except ImportError:
         raise HTTPException(503, detail="the dataset module is not installed") from None
-    data = file.file.read()
+    file.file.seek(0)
     result = dataset_service.import_pairs(
-        session, state.store, data, max_rows=state.settings.import_max_rows
+        session, state.store, file.file, max_rows=state.settings.import_max_rows
     )
     session.commit()
     return ImportResultPublic(**result.__dict__)
