@@ -59,15 +59,30 @@ def test_extras_split_by_role() -> None:
     assert "prefloop" in extras["dev"]  # make setup installs every role
 
 
+#: The only modules of ``worker/`` the API imports: the credit maths of ``GET /rounds/credit``,
+#: numpy and the standard library only.
+API_WORKER_MODULES = {
+    "worker",
+    "worker.alignment",
+    "worker.alignment.credit",
+    "worker.alignment.noise_schedule",
+}
+
+
 def test_api_and_ui_import_and_build_without_torch(tmp_path: Path) -> None:
     _run_blocked(
-        [*WORKER_ONLY, "worker"],
+        list(WORKER_ONLY),
         "import backend.cli, backend.main, backend.migrate, ui.app\n"
         "from backend.main import create_app\n"
         "from backend.settings import Settings\n"
         f"s = Settings.model_validate({{'data_dir': {str(tmp_path)!r}, "
         "'admin_password': 'packaging-test-pw', 'secret_key': 'x' * 40})\n"
-        "create_app(s)\n",
+        "create_app(s)\n"
+        # the credit plot's maths runs without torch, on the built-in model's schedule
+        "from backend.credit_curve import credit_curve\n"
+        "assert credit_curve('dde', 'builtin:shapes', 50).num_train_timesteps == 1000\n"
+        "loaded = {m for m in sys.modules if m == 'worker' or m.startswith('worker.')}\n"
+        f"assert loaded <= {API_WORKER_MODULES!r}, sorted(loaded)\n",
     )
 
 

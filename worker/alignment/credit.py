@@ -47,7 +47,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard
 
 import numpy as np
 
@@ -93,7 +93,7 @@ else:
     ScheduleLike = Any
 
 
-def _is_tensor(value: object) -> bool:
+def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
     """Whether ``value`` is a torch tensor, without importing torch (when torch was never
     imported, nothing can be a tensor)."""
     torch_module = sys.modules.get("torch")

@@ -8,9 +8,11 @@ from pydantic import ValidationError
 
 from backend.api.deps import MAX_ID, AdminUser, IdPath, Limit, Offset, SessionDep, StateDep
 from backend.api.errors import _json_safe_errors
+from backend.credit_curve import DEFAULT_POINTS, BadSchedule, ScheduleNotFound, credit_curve
 from backend.models import RoundStatus
-from backend.round_config import RoundConfig, defaults_for, resolve_config
+from backend.round_config import RoundConfig, Scheme, defaults_for, resolve_config
 from backend.schemas import (
+    CreditCurvePublic,
     RoundAccepted,
     RoundCreate,
     RoundMetricPublic,
@@ -19,6 +21,8 @@ from backend.schemas import (
     RoundsPublic,
 )
 from backend.services import rounds as round_service
+from backend.text_input import NO_NUL_PATTERN
+from worker.alignment.credit import UnknownCreditSchemeError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/rounds", tags=["rounds"])
@@ -69,6 +73,54 @@ def config_defaults(
     (the serving version's, or ``parent_version_id``'s)."""
     base_model = round_service.base_model_for(session, parent_version_id, state.settings.base_model)
     return {"base_model": base_model, "config": defaults_for(base_model)}
+
+
+@router.get(
+    "/credit",
+    response_model=CreditCurvePublic,
+    responses={
+        404: {"description": "No scheduler config for the base model on the API's machine."},
+        422: {
+            "description": "An unknown scheme (the detail names the known ones), or a "
+            "scheduler config that cannot be read or gives no finite credit."
+        },
+    },
+)
+def credit(
+    session: SessionDep,
+    state: StateDep,
+    admin: AdminUser,
+    scheme: Annotated[Scheme, Query(description="The credit scheme (as a round's config).")] = (
+        "dde"
+    ),
+    base_model: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=1024,
+            pattern=NO_NUL_PATTERN,
+            description="builtin:shapes, a local diffusers checkpoint or a hub id in the local "
+            "cache; default: the serving version's base model.",
+        ),
+    ] = None,
+    points: Annotated[
+        int, Query(ge=2, le=100_000, description="At most this many points (averaged runs).")
+    ] = DEFAULT_POINTS,
+) -> CreditCurvePublic:
+    """The credit the scheme gives each timestep of the base model's noise schedule (its
+    ``scheduler/scheduler_config.json``): the mean-1 weight W and the sampling density, at
+    most ``points`` points for a plot (the dashboard's, beside the start-round form)."""
+    if base_model is None:
+        base_model = round_service.base_model_for(session, None, state.settings.base_model)
+    try:
+        curve = credit_curve(scheme, base_model, points)
+    except UnknownCreditSchemeError as exc:
+        raise HTTPException(422, detail=str(exc)) from None
+    except ScheduleNotFound as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+    except BadSchedule as exc:
+        raise HTTPException(422, detail=str(exc)) from None
+    return CreditCurvePublic(**vars(curve))
 
 
 @router.get("", response_model=RoundsPublic)
