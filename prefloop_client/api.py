@@ -399,6 +399,27 @@ class PrefloopClient:
         """The JSON Schema of a round's config (field types, bounds, descriptions)."""
         return self._object(self._request("GET", f"{API_PREFIX}/rounds/config-schema", token=token))
 
+    def credit_curve(
+        self,
+        token: str,
+        scheme: str = "dde",
+        *,
+        base_model: str | None = None,
+        points: int | None = None,
+    ) -> dict[str, Any]:
+        """A credit scheme over the base model's timesteps (default: the serving version's),
+        for a plot: ``{"scheme", "base_model", "num_train_timesteps", "timesteps", "weight"
+        (mean-1 credit W), "density" (W / sum W)}`` with at most ``points`` points. An unknown
+        scheme is a 422 naming the known ones; a base model without a scheduler config a 404."""
+        params: dict[str, Any] = {"scheme": scheme}
+        if base_model is not None:
+            params["base_model"] = base_model
+        if points is not None:
+            params["points"] = points
+        return self._object(
+            self._request("GET", f"{API_PREFIX}/rounds/credit", token=token, params=params)
+        )
+
     def start_round(
         self,
         token: str,

@@ -143,3 +143,34 @@ def test_declared_in_the_openapi_document(client):
     assert set(params) == {"scheme", "base_model", "points"}
     scheme = params["scheme"]["schema"]
     assert set(scheme["enum"]) == set(SCHEMES) and scheme["default"] == "dde"
+
+
+def test_the_typed_client(env, client, tmp_path):
+    import httpx
+
+    from prefloop_client.api import ApiError, Forbidden, NotFound, PrefloopClient
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        r = client.request(
+            request.method,
+            request.url.raw_path.decode(),
+            headers={"Authorization": request.headers.get("Authorization", "")},
+        )
+        return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+    token = env.admin_headers()["Authorization"].removeprefix("Bearer ")
+    _, ann = env.user()
+    api = PrefloopClient("http://api.test", transport=httpx.MockTransport(forward))
+    body = api.credit_curve(token, "uniform", points=10)
+    assert body["num_train_timesteps"] == 1000 and body["weight"] == [1.0] * 10
+    assert len(body["timesteps"]) == len(body["density"]) == 10
+    tiny = api.credit_curve(token, "dde-single-shot", base_model=_tiny(tmp_path / "t"))
+    assert tiny["weight"] == pytest.approx([4 / 15, 8 / 15, 16 / 15, 32 / 15])
+    assert api.credit_curve(token)["scheme"] == "dde"
+    with pytest.raises(ApiError) as exc:
+        api.credit_curve(token, "magic")
+    assert exc.value.status_code == 422 and "'dde-stepwise'" in exc.value.detail
+    with pytest.raises(NotFound, match="no scheduler config"):
+        api.credit_curve(token, base_model=str(tmp_path / "none"))
+    with pytest.raises(Forbidden):
+        api.credit_curve(ann["Authorization"].removeprefix("Bearer "))
