@@ -33,7 +33,7 @@ from backend.security import PasswordService, TokenService
 from backend.services import users as user_service
 from backend.services import versions as version_service
 from backend.settings import Settings, get_settings
-from backend.storage import ImageStore
+from backend.storage import artifact_store, image_store
 
 log = logging.getLogger("prefloop")
 
@@ -46,7 +46,8 @@ Annotators reach only their own endpoints (401 without a token, 403 on admin end
 
 def build_state(settings: Settings, dispatcher: Dispatcher | None = None) -> AppState:
     settings.require_server_secrets()
-    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    if settings.storage_is_local:
+        settings.images_dir.mkdir(parents=True, exist_ok=True)
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     secret = settings.jwt_secret()
     return AppState(
@@ -70,7 +71,11 @@ def build_state(settings: Settings, dispatcher: Dispatcher | None = None) -> App
             settings.register_rate_limit_window_seconds,
             name="register",
         ),
-        store=ImageStore(settings.images_dir),
+        store=image_store(
+            settings,
+            cache_bytes=0 if settings.storage_is_local else settings.image_cache_mb << 20,
+        ),
+        artifacts=artifact_store(settings),
         signer=ImageSigner(secret),
     )
 

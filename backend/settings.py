@@ -40,6 +40,30 @@ class Settings(BaseSettings):
 
     # Storage
     data_dir: Path = Field(Path("./var"), description="Root of images, models and local DBs.")
+    storage_url: str | None = Field(
+        None,
+        description="Where images and version artifacts live (backend/storage.py): unset means "
+        "local disk under data_dir (images/, models/versions/); s3://bucket/prefix means an "
+        "S3-compatible object store (s3_* settings below, or the standard AWS_* variables). "
+        "data_dir still holds scratch files and caches.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="The S3 API endpoint of a non-AWS store (MinIO, Ceph, R2...). Unset: AWS."
+    )
+    s3_region: str | None = Field(None, description="The bucket's region. Unset: botocore's.")
+    s3_access_key_id: SecretStr | None = Field(
+        None,
+        description="With s3_secret_access_key. Unset: botocore's chain (AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance or pod role).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(None, validate_default=True)
+    image_cache_mb: int = Field(
+        64,
+        ge=0,
+        le=65536,
+        description="Object storage: megabytes of image bytes each API process keeps in memory "
+        "(images never change; each is served to several annotators). 0: off.",
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; unset means SQLite at <data_dir>/prefloop.db."
     )
@@ -248,6 +272,30 @@ class Settings(BaseSettings):
                     raise ValueError(f"{part!r} is not an IP address or network") from None
         return v
 
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        scheme, sep, rest = v.partition("://")
+        if not sep:
+            return v  # a local directory
+        if scheme == "file":
+            return v
+        if scheme in ("s3", "s3a"):
+            if not rest.strip("/"):
+                raise ValueError("s3:// needs a bucket: s3://bucket or s3://bucket/prefix")
+            return "s3://" + rest.strip("/")
+        raise ValueError(f"unsupported scheme {scheme!r}: a path, file://... or s3://bucket/prefix")
+
+    @field_validator("s3_secret_access_key")
+    @classmethod
+    def _s3_key_pair(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if (v is None) != (info.data.get("s3_access_key_id") is None):
+            raise ValueError("set both PREFLOOP_S3_ACCESS_KEY_ID and this, or neither")
+        return v
+
     @field_validator("secret_key")
     @classmethod
     def _long_secret(cls, v: SecretStr | None) -> SecretStr | None:
@@ -297,11 +345,18 @@ class Settings(BaseSettings):
         return self.db_url.startswith("sqlite")
 
     @property
+    def storage_is_local(self) -> bool:
+        """Images and artifacts on local disk (no ``storage_url``, or a ``file://`` one)."""
+        return self.storage_url is None or not self.storage_url.startswith(("s3://", "s3a://"))
+
+    @property
     def images_dir(self) -> Path:
+        """The local image directory of the default storage (see :attr:`storage_url`)."""
         return self.data_dir / "images"
 
     @property
     def models_dir(self) -> Path:
+        """Local: the rounds' work directories, and version artifacts of the default storage."""
         return self.data_dir / "models"
 
     @property

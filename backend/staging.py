@@ -2,8 +2,8 @@
 
 The one mechanism for "a refused request leaves nothing behind": a service that writes a file
 as part of a transaction (an image of a dataset import, of the pair pool) calls
-:func:`track_new_file` with the file it *created* (content-addressed files that already
-existed are not tracked). When the session's transaction commits, the list is forgotten; when
+:func:`track_new_file` with the store and key of the file it *created* (content-addressed
+files that already existed are not tracked), on local disk or object storage alike. When the session's transaction commits, the list is forgotten; when
 it ends any other way (rollback, an exception, a session closed without commit), each tracked
 file is deleted, unless a committed row refers to it by then (a concurrent request that
 stored the same bytes).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
@@ -30,14 +30,20 @@ _KEY = "prefloop.new_files"
 Referenced = Callable[[Session, str], bool]
 
 
-def track_new_file(session: Session, path: Any, rel: str) -> None:
-    """Delete ``path`` (stored as ``rel``) unless ``session``'s transaction commits."""
-    session.info.setdefault(_KEY, []).append((path, rel))
+class Deletes(Protocol):
+    """Where a tracked file lives: :class:`backend.storage.ImageStore` (or any store)."""
+
+    def delete(self, rel: str) -> bool: ...
 
 
-def pending_files(session: Session) -> list[Any]:
-    """The files that the current transaction created and has not committed yet."""
-    return [p for p, _ in session.info.get(_KEY, [])]
+def track_new_file(session: Session, store: Deletes, rel: str) -> None:
+    """Delete ``rel`` from ``store`` unless ``session``'s transaction commits."""
+    session.info.setdefault(_KEY, []).append((store, rel))
+
+
+def pending_files(session: Session) -> list[str]:
+    """The keys of the files that the current transaction created and has not committed."""
+    return [rel for _, rel in session.info.get(_KEY, [])]
 
 
 def _image_referenced(session: Session, rel: str) -> bool:
@@ -55,7 +61,7 @@ def discard(session: Session, referenced: Referenced = _image_referenced) -> int
     """Delete the tracked files of ``session`` (its transaction did not commit); returns how
     many were removed."""
     removed = 0
-    for path, rel in session.info.pop(_KEY, []):
+    for store, rel in session.info.pop(_KEY, []):
         try:
             if referenced(session, rel):
                 continue
@@ -63,10 +69,10 @@ def discard(session: Session, referenced: Referenced = _image_referenced) -> int
             log.warning("kept %s: cannot check whether a committed row refers to it", rel)
             continue
         try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
+            if store.delete(rel):
+                removed += 1
+        except Exception:  # noqa: BLE001 - storage down: an unreferenced file is harmless
+            log.warning("kept %s: cannot delete it", rel, exc_info=True)
     return removed
 
 

@@ -88,14 +88,14 @@ def worker_main(argv: list[str]) -> None:
 
             rounds.evaluate_against_parent = evaluate  # type: ignore[assignment]
         else:
-            real_copy = rounds._atomic_copy
+            real_upload = rounds._upload_adapter
 
-            def copy_then_die(src: Path, dest: Path) -> str:
-                real_copy(src, dest)
+            def upload_then_die(artifacts: Any, src: Path, rel: str) -> str:
+                real_upload(artifacts, src, rel)
                 die()
                 raise AssertionError("unreachable")
 
-            rounds._atomic_copy = copy_then_die  # type: ignore[assignment]
+            rounds._upload_adapter = upload_then_die  # type: ignore[assignment]
     from celery.__main__ import main
 
     sys.argv = ["celery", *argv]
@@ -312,7 +312,8 @@ def run_scenario(
         out.killed = first.proc.returncode == -signal.SIGKILL
         out.state_at_kill = status().value
 
-        out.artifact_at_kill = any((settings.models_dir / "versions").glob("*/adapter*"))
+        # Adapters live at versions/round-<id>/<attempt prefix>/ (worker/rounds.py).
+        out.artifact_at_kill = any((settings.models_dir / "versions").glob("*/*/adapter*"))
         # No half-published version: a row only with its complete file behind it.
         with db.read_session() as s:
             at_kill = s.scalars(
@@ -367,8 +368,15 @@ def run_scenario(
                 out.notes.append(f"version {v.id}: adapter missing or not the recorded bytes")
         if sorted(steps) != sorted(set(steps)):
             out.notes.append("duplicate metric rows")
-        version_dirs = {p.name for p in (settings.models_dir / "versions").iterdir()}
-        if version_dirs != {f"round-{round_id}"}:
+        # Only the published attempt's prefix is left: a dead attempt's is removed.
+        version_dirs = {
+            p.relative_to(settings.models_dir).as_posix()
+            for p in (settings.models_dir / "versions").glob("*/*")
+        }
+        published = {str(Path(v.adapter_path or "").parent.as_posix()) for v in versions}
+        if version_dirs != published or not all(
+            d.startswith(f"versions/round-{round_id}/") for d in version_dirs
+        ):
             out.notes.append(f"left in models/versions: {sorted(version_dirs)}")
         leftovers = [
             str(p.relative_to(settings.models_dir))

@@ -19,8 +19,13 @@ pairs, so the pair pool and the evaluator do not reload the model for every batc
 backbone is shared: callers only sample from it. Training asks for ``fresh=True`` and gets its
 own copy to modify.
 
-Stored adapter paths are relative to ``models_dir`` (absolute paths are accepted too), so a
-data directory can move as a whole.
+Stored adapter paths are keys of the artifact store (:func:`backend.storage.artifact_store`:
+``<data_dir>/models`` on local disk, or object storage), so a data directory or a bucket can
+move as a whole; absolute paths name local files and are accepted too. On object storage an
+adapter is downloaded once into ``<data_dir>/cache/artifacts/<sha256>.safetensors`` (checked
+before it is kept); on local disk the stored file is read in place. Either way the file is
+checked against the row's SHA-256 before it is loaded, and the row is the only way to it: an
+adapter being uploaded has no row yet, so no loader can see it half-written.
 
 A backbone that a round has trained still holds its parent: :func:`parent_view` gives it
 (adapters disabled, or the frozen reference copy of a full fine-tune).
@@ -33,7 +38,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from sqlalchemy.orm import Session
 
 from backend.model_family import BUILTIN, BUILTIN_SHAPES, family_of
 from backend.models import ModelVersion
+from backend.storage import IntegrityError, ObjectStore, UnsafePath
 from worker.alignment.adapters import (
     file_sha256,
     fuse_adapter,
@@ -66,13 +72,16 @@ class AdapterIntegrityError(RuntimeError):
 
 @dataclass(frozen=True)
 class VersionLink:
-    """One version of a lineage, as the loader needs it (no ORM object crosses threads)."""
+    """One version of a lineage, as the loader needs it (no ORM object crosses threads).
+
+    ``adapter_path`` is the stored path: a key of ``store`` (or an absolute local path)."""
 
     id: int
     name: str
     base_model: str
-    adapter_path: Path | None
+    adapter_path: str | None
     adapter_sha256: str | None
+    store: ObjectStore | None = field(default=None, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------- base models
@@ -103,13 +112,19 @@ def load_base(base_model: str, *, device: torch.device | str | None = None) -> B
 
 
 # ---------------------------------------------------------------------------- lineage
-def resolve_adapter_path(stored: str, models_dir: Path) -> Path:
-    path = Path(stored)
-    return path if path.is_absolute() else Path(models_dir) / path
+def models_store(models: Path | str | ObjectStore) -> ObjectStore:
+    """``models`` as the store that stored adapter paths are keys of (a directory: local)."""
+    return models if isinstance(models, ObjectStore) else ObjectStore(models)
 
 
-def lineage(session: Session, version_id: int, models_dir: Path) -> list[VersionLink]:
-    """The versions from the root (a base model, no adapter) down to ``version_id``."""
+def lineage(
+    session: Session, version_id: int, models_dir: Path | str | ObjectStore
+) -> list[VersionLink]:
+    """The versions from the root (a base model, no adapter) down to ``version_id``.
+
+    ``models_dir``: the artifact store (:func:`backend.storage.artifact_store`), or the local
+    directory stored adapter paths are relative to."""
+    store = models_store(models_dir)
     chain: list[VersionLink] = []
     seen: set[int] = set()
     current: int | None = version_id
@@ -125,10 +140,9 @@ def lineage(session: Session, version_id: int, models_dir: Path) -> list[Version
                 id=row.id,
                 name=row.name,
                 base_model=row.base_model,
-                adapter_path=(
-                    resolve_adapter_path(row.adapter_path, models_dir) if row.adapter_path else None
-                ),
+                adapter_path=row.adapter_path or None,
                 adapter_sha256=row.adapter_sha256,
+                store=store,
             )
         )
         current = row.parent_id
@@ -141,23 +155,49 @@ def lineage(session: Session, version_id: int, models_dir: Path) -> list[Version
     return chain
 
 
+def _local_adapter(link: VersionLink) -> Path:
+    """The adapter of ``link`` as a local file: an absolute stored path as it is, else fetched
+    from its store (read in place on local disk, downloaded once from object storage)."""
+    assert link.adapter_path is not None
+    where = link.adapter_path
+    if Path(where).is_absolute():
+        return Path(where)
+    if link.store is None:
+        raise AdapterIntegrityError(f"version {link.id} ({link.name}): no store for {where}")
+    try:
+        return link.store.fetch(where, link.adapter_sha256)
+    except FileNotFoundError:
+        raise AdapterIntegrityError(
+            f"adapter of version {link.id} ({link.name}) not found at {link.store.url}/{where}"
+        ) from None
+    except UnsafePath:
+        raise AdapterIntegrityError(
+            f"adapter of version {link.id} ({link.name}): {where!r} leaves the model store"
+        ) from None
+    except IntegrityError as exc:
+        raise AdapterIntegrityError(
+            f"adapter of version {link.id} ({link.name}): {exc}; refusing to load it"
+        ) from None
+
+
 def verify_adapter(link: VersionLink) -> Path:
-    """The adapter file of ``link``, after checking it exists and its SHA-256 matches."""
+    """The adapter file of ``link`` (local), after checking it exists and its SHA-256 matches."""
     if link.adapter_path is None:
         raise AdapterIntegrityError(f"version {link.id} has no adapter")
     if not link.adapter_sha256:
         raise AdapterIntegrityError(f"version {link.id} ({link.name}) has no adapter sha256")
-    if not link.adapter_path.is_file():
+    path = _local_adapter(link)
+    if not path.is_file():
         raise AdapterIntegrityError(
             f"adapter of version {link.id} ({link.name}) not found at {link.adapter_path}"
         )
-    actual = file_sha256(link.adapter_path)
+    actual = file_sha256(path)
     if actual != link.adapter_sha256:
         raise AdapterIntegrityError(
-            f"adapter of version {link.id} ({link.name}) at {link.adapter_path} has sha256 "
+            f"adapter of version {link.id} ({link.name}) at {path} has sha256 "
             f"{actual}, but the database says {link.adapter_sha256}; refusing to load it"
         )
-    return link.adapter_path
+    return path
 
 
 def apply_adapter(backbone: Backbone, path: Path) -> None:
@@ -248,7 +288,7 @@ def load_version(
     session: Session,
     version: int | ModelVersion,
     *,
-    models_dir: Path,
+    models_dir: Path | str | ObjectStore,
     fresh: bool = False,
     device: torch.device | str | None = None,
 ) -> Backbone:
@@ -257,7 +297,8 @@ def load_version(
     Args:
         session: reads the version and its ancestors.
         version: a version id or row.
-        models_dir: the directory stored adapter paths are relative to.
+        models_dir: the artifact store (:func:`backend.storage.artifact_store`), or the local
+            directory stored adapter paths are relative to.
         fresh: load a private copy, outside the cache (training modifies its backbone).
         device: default: CUDA when available, else the CPU.
 

@@ -73,7 +73,7 @@ from backend.services import versions as version_service
 from backend.services.common import dialect_insert
 from backend.services.pool import count_ready
 from backend.settings import Settings
-from backend.storage import ImageStore
+from backend.storage import ImageStore, artifact_store, image_store
 from worker import model_registry
 from worker.alignment.backbone import Backbone
 from worker.shapes import world
@@ -680,8 +680,9 @@ def refill_pool(
             todo = min(todo, max_new)
         if todo <= 0:
             return 0
+        artifacts = artifact_store(settings)
         chains = {
-            vid: model_registry.lineage(session, vid, settings.models_dir)
+            vid: model_registry.lineage(session, vid, artifacts)
             for vid in {
                 serving_id,
                 parent_id,
@@ -715,7 +716,7 @@ def refill_pool(
     ):
         renderer_id = renderer_version_id(session_factory)
 
-    store = ImageStore(settings.images_dir)
+    store = image_store(settings)
     made = 0
     while made < todo:
         n = min(BATCH_PAIRS, todo - made)

@@ -24,7 +24,7 @@ The round's code, by job:
    ``config.exclude_flagged``): left/right as (winner, loser), ties only when
    ``config.include_ties``, both-bad and skip never, made into labels by
    ``config.label_rule`` (``metrics["labels"]`` counts what it kept). Images are read from
-   storage.
+   the store (:func:`backend.storage.image_store`: local disk or object storage).
 3. **Train** from the parent version (its lineage fused, :mod:`worker.model_registry`) with
    :func:`worker.alignment.trainer.train`, in ``<models_dir>/rounds/round-<id>`` where the
    trainer keeps resumable checkpoints: a round taken over from a dead worker resumes there.
@@ -35,14 +35,19 @@ The round's code, by job:
 4. **Evaluate** (``evaluating``). Built-in model: the judge scores the parent and the new
    model on held-out prompts with fixed seeds; the metrics record both means, their
    difference and its standard error, and whether the new model improved.
-5. **Publish a candidate.** The adapter is copied atomically to
-   ``<models_dir>/versions/round-<id>/adapter.safetensors`` and its SHA-256 checked; then one
-   transaction (guarded on the round still being ours and ``evaluating``) inserts the
+5. **Publish a candidate.** The adapter is uploaded to the artifact store
+   (:func:`backend.storage.artifact_store`: ``<data_dir>/models`` or object storage) under a
+   prefix unique to this attempt, ``versions/round-<id>/a<attempt>-<random>/adapter.safetensors``
+   (the validation grid beside it, its manifest last), and its SHA-256 read back and checked;
+   then one transaction (guarded on the round still being ours and ``evaluating``) inserts the
    :class:`ModelVersion` (``candidate``, ``parent_id``, metrics) and marks the round
    ``succeeded``. In the same transaction the publish policy acts on it
    (``backend.services.publishing.on_candidate``, docs/publishing.md): it opens the blind A/B
    gate against the parent (``human`` / ``manual``), or publishes or retires it on the judge's
-   interval (``metric``). A version row exists only with its complete adapter file behind it.
+   interval (``metric``). A version row exists only with its complete adapter file behind it:
+   the row is the commit point, and readers reach adapters only through rows. An attempt that
+   dies before the commit leaves an unreferenced prefix, which the round's next attempt (on
+   success) or its failure removes; a worker that lost the round removes only its own.
    A round whose held-out evaluation never beat its parent makes no version at all
    (:func:`candidate_verdict`, docs/rounds.md).
 
@@ -58,7 +63,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -92,7 +96,7 @@ from backend.services import versions as version_service
 from backend.services.common import dialect_insert
 from backend.services.quality import quality_report
 from backend.settings import Settings
-from backend.storage import ImageStore
+from backend.storage import ImageStore, ObjectStore, artifact_store, image_store
 from worker import auto_metrics, model_registry
 from worker.alignment.data import split_by_prompt
 from worker.round_state import (
@@ -126,8 +130,30 @@ def version_name(round_id: int) -> str:
     return f"round-{round_id}"
 
 
-def version_adapter_path(settings: Settings, name: str, filename: str = ADAPTER_FILENAME) -> Path:
-    return settings.models_dir / "versions" / name / filename
+def version_dir_key(round_id: int) -> str:
+    """The artifact store's prefix of every publishing attempt of a round."""
+    return f"versions/{version_name(round_id)}"
+
+
+def attempt_prefix(round_id: int, attempt: int) -> str:
+    """A prefix for one publishing attempt's files, unique even between two workers that both
+    believe they own the round: nothing written under it is ever overwritten."""
+    return f"{version_dir_key(round_id)}/a{attempt}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_unpublished(artifacts: ObjectStore, round_id: int, keep: str | None = None) -> None:
+    """Remove the attempt prefixes of ``round_id`` other than ``keep`` (best effort): files
+    that no version row refers to (a dead attempt's, or a failed round's)."""
+    base = version_dir_key(round_id)
+    try:
+        if keep is None:
+            artifacts.delete_tree(base)
+            return
+        for name in artifacts.listdir(base):
+            if f"{base}/{name}" != keep:
+                artifacts.delete_tree(f"{base}/{name}")
+    except Exception:  # noqa: BLE001 - unreferenced files are harmless; the store may be down
+        log.warning("round %s: could not remove unpublished files", round_id, exc_info=True)
 
 
 # ---------------------------------------------------------------------------- config
@@ -207,7 +233,7 @@ def load_snapshot(rows: list[Any], settings: Settings) -> Snapshot:
     """The preference pairs of :func:`snapshot_rows`, images read from storage."""
     from worker.alignment.trainer import PreferencePair
 
-    store = ImageStore(settings.images_dir)
+    store = image_store(settings)
     cache: dict[int, np.ndarray] = {}
 
     def image(image_id: int, rel: str) -> np.ndarray:
@@ -405,27 +431,12 @@ def _finite(x: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------------- files
-def _atomic_copy(src: Path, dest: Path) -> str:
-    """Copy ``src`` to ``dest`` through a temporary file and a rename; returns the SHA-256."""
-    from worker.alignment.adapters import file_sha256
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return file_sha256(dest)
+def _upload_adapter(artifacts: ObjectStore, src: Path, rel: str) -> str:
+    """Write the local file ``src`` at ``rel`` in the artifact store (atomically: a temporary
+    file and a rename on disk, one PUT or multipart upload on S3); returns the SHA-256 of what
+    the store holds, read back."""
+    artifacts.put_file(rel, src)
+    return artifacts.sha256(rel)
 
 
 # ---------------------------------------------------------------------------- the round
@@ -462,6 +473,7 @@ def run_round(
         log.info("round %s: %s; stopping without changes", round_id, exc)
         if _current_status(session_factory, round_id) == RoundStatus.cancelled:
             shutil.rmtree(work_dir(settings, round_id), ignore_errors=True)
+            remove_unpublished(artifact_store(settings), round_id)
     except RoundFailed as exc:
         _fail(session_factory, claim, settings, str(exc))
     except OperationalError:
@@ -488,6 +500,7 @@ def _fail(session_factory: SessionFactory, claim: _Claim, settings: Settings, er
     if ok:
         log.warning("round %s failed: %s", claim.round_id, error)
         shutil.rmtree(work_dir(settings, claim.round_id), ignore_errors=True)
+        remove_unpublished(artifact_store(settings), claim.round_id)
 
 
 def _execute(
@@ -506,6 +519,7 @@ def _execute(
 
     cfg = train_config(claim.config)
     rc = RoundConfig.model_validate(claim.config)
+    artifacts = artifact_store(settings)
 
     with session_factory() as session:
         parent_id = claim.parent_version_id
@@ -533,7 +547,7 @@ def _execute(
             exclude_users=flagged,
             data_source=rc.data_source,
         )
-        chain = model_registry.lineage(session, parent_id, settings.models_dir)
+        chain = model_registry.lineage(session, parent_id, artifacts)
         session.rollback()
     # Images and the model load outside any transaction (SQLite write sessions lock the file).
     snapshot = load_snapshot(rows, settings)
@@ -672,22 +686,39 @@ def _execute(
         metrics.update(evaluate_against_parent(backbone, rc.eval_prompts))
     elif not model_registry.is_builtin(parent_base) and auto_metrics.configured(settings):
         metrics.update(auto_metrics.round_metrics(backbone, [p.prompt for p in heldout], settings))
+    prefix = attempt_prefix(claim.round_id, claim.attempt)
     metrics["validation_samples"] = _render_samples(
-        backbone, parent_base, [p.prompt for p in heldout], settings, claim.round_id
+        backbone, parent_base, [p.prompt for p in heldout], artifacts, prefix, claim.round_id
     )
     _publish_candidate(
-        claim, session_factory, settings, result, metrics, parent_id, parent_base, auto_publish
+        claim,
+        session_factory,
+        settings,
+        artifacts,
+        prefix,
+        result,
+        metrics,
+        parent_id,
+        parent_base,
+        auto_publish,
     )
     shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _render_samples(
-    backbone: Any, base_model: str, heldout_prompts: list[str], settings: Settings, round_id: int
+    backbone: Any,
+    base_model: str,
+    heldout_prompts: list[str],
+    artifacts: ObjectStore,
+    prefix: str,
+    round_id: int,
 ) -> int:
-    """Renders the validation grid (parent | candidate, same seeds) beside the version's adapter;
-    returns how many prompts it shows. A failure is logged, never fails the round."""
+    """Renders the validation grid (parent | candidate, same seeds) into a local temporary
+    directory and uploads it beside the version's adapter (``<prefix>/samples/``, the manifest
+    last); returns how many prompts it shows. A failure is logged, never fails the round."""
     from backend.model_family import family_of
     from worker.validation_grid import (
+        MANIFEST,
         SAMPLES_DIRNAME,
         render_validation_grid,
         sampler_for,
@@ -704,11 +735,13 @@ def _render_samples(
         with model_registry.parent_view(backbone) as parent_model:
             return sampler_for(parent_model)(p, s)
 
-    dest = version_adapter_path(settings, version_name(round_id)).parent / SAMPLES_DIRNAME
     try:
-        render_validation_grid(
-            sampler_for(backbone), sample_parent, prompts, validation_seeds(len(prompts)), dest
-        )
+        with tempfile.TemporaryDirectory(prefix=f"samples-{round_id}-") as tmp:
+            local = Path(tmp) / SAMPLES_DIRNAME
+            render_validation_grid(
+                sampler_for(backbone), sample_parent, prompts, validation_seeds(len(prompts)), local
+            )
+            artifacts.put_dir(f"{prefix}/{SAMPLES_DIRNAME}", local, last=MANIFEST)
     except Exception:  # noqa: BLE001 - the images are for people; the round stands without them
         log.exception("round %s: validation samples failed", round_id)
         return 0
@@ -719,6 +752,8 @@ def _publish_candidate(
     claim: _Claim,
     session_factory: SessionFactory,
     settings: Settings,
+    artifacts: ObjectStore,
+    prefix: str,
     result: Any,
     metrics: dict[str, Any],
     parent_id: int,
@@ -727,14 +762,14 @@ def _publish_candidate(
 ) -> None:
     name = version_name(claim.round_id)
     filename = FULL_WEIGHTS_FILENAME if result.finetune == "full" else ADAPTER_FILENAME
-    dest = version_adapter_path(settings, name, filename)
-    sha = _atomic_copy(Path(result.adapter_path), dest)
+    rel = f"{prefix}/{filename}"
+    sha = _upload_adapter(artifacts, Path(result.adapter_path), rel)
     if sha != result.adapter_sha256:
-        dest.unlink(missing_ok=True)
+        artifacts.delete_tree(prefix)
         raise RoundFailed(
-            f"adapter copy at {dest} has sha256 {sha}, trainer wrote {result.adapter_sha256}"
+            f"adapter copy at {artifacts.url}/{rel} has sha256 {sha}, trainer wrote "
+            f"{result.adapter_sha256}"
         )
-    rel = dest.relative_to(settings.models_dir).as_posix()
     from backend.services import publishing  # the publish policy (docs/publishing.md)
 
     with session_factory() as session:
@@ -747,7 +782,7 @@ def _publish_candidate(
             or RoundStatus(rnd.status) != RoundStatus.evaluating
         ):
             session.rollback()
-            dest.unlink(missing_ok=True)
+            artifacts.delete_tree(prefix)  # ours alone: the new owner writes under its own
             raise _NotOwner("the round was cancelled or taken over during evaluation")
         version = ModelVersion(
             name=name,
@@ -779,6 +814,8 @@ def _publish_candidate(
         rnd.finished_at = now
         rnd.updated_at = now
         session.commit()
+    # Committed: what earlier attempts of this round left is unreferenced for good.
+    remove_unpublished(artifacts, claim.round_id, keep=prefix)
     log.info(
         "round %s succeeded: version %s (%s)%s",
         claim.round_id,

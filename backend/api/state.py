@@ -14,7 +14,7 @@ from backend.observability import Metrics
 from backend.rate_limit import Limiter
 from backend.security import PasswordService, TokenService
 from backend.settings import Settings
-from backend.storage import ImageStore
+from backend.storage import ImageStore, ObjectStore
 
 
 class ImageSigner:
@@ -47,6 +47,8 @@ class AppState:
     register_limiter: Limiter
     store: ImageStore
     signer: ImageSigner
+    #: Version artifacts (adapters, validation grids): ``backend.storage.artifact_store``.
+    artifacts: ObjectStore
     _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = field(
         default_factory=weakref.WeakKeyDictionary
     )

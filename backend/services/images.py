@@ -1,4 +1,5 @@
-"""Generated (or imported) images: stored as files, described by rows."""
+"""Generated (or imported) images: stored as objects (:mod:`backend.storage`: local disk or
+S3-compatible), described by rows."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def store_image(
     if media_type is None:
         raise Invalid("image bytes are not PNG, JPEG or WebP")
     rel, digest = store.save(
-        data, media_type, on_create=lambda path, rel: staging.track_new_file(session, path, rel)
+        data, media_type, on_create=lambda st, rel: staging.track_new_file(session, st, rel)
     )
     image = Image(
         version_id=version_id,

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from backend.models import ModelVersion, VersionStatus
 from backend.services.errors import Conflict, NotFound
+from backend.storage import ObjectStore, UnsafePath
 
 
 def get_version(session: Session, version_id: int, *, for_update: bool = False) -> ModelVersion:
@@ -115,8 +116,10 @@ def get_or_create_external(session: Session, model_name: str) -> ModelVersion:
 
 
 # ---------------------------------------------------------------------------- validation samples
-# Written by the worker (worker/validation_grid.py) beside the version's adapter, in
-# ``<models_dir>/<dirname(adapter_path)>/samples/``; only the JSON manifest is read here.
+# Written by the worker (worker/validation_grid.py, uploaded by worker/rounds.py) beside the
+# version's adapter, in ``<dirname(adapter_path)>/samples/`` of the artifact store
+# (backend.storage.artifact_store: ``<data_dir>/models`` or object storage), the manifest
+# last; only the JSON manifest and the files it names are read here.
 SAMPLES_DIRNAME = "samples"
 SAMPLES_MANIFEST = "samples.json"
 SAMPLE_FILENAME = re.compile(r"(?:parent|candidate)-[0-9]{2}\.png|grid\.png", re.ASCII)
@@ -148,30 +151,30 @@ def _no_samples(version_id: int) -> NotFound:
     )
 
 
-def samples_dir(models_dir: Path, version: ModelVersion) -> Path | None:
-    """Where ``version``'s validation samples live, or None when it has no adapter directory
-    (the base model, an import) or its adapter path points outside ``models_dir``."""
+def samples_prefix(artifacts: ObjectStore, version: ModelVersion) -> str | None:
+    """The key (in ``artifacts``) of ``version``'s validation samples, or None when it has no
+    adapter (the base model, an import) or its adapter path leaves the store."""
     if not version.adapter_path or "\x00" in version.adapter_path:
         return None
-    root = Path(models_dir).resolve()
     rel = PurePosixPath(version.adapter_path)
-    if rel.is_absolute():
+    if rel.is_absolute() or str(rel.parent) in ("", "."):
         return None
-    path = (root / rel.parent / SAMPLES_DIRNAME).resolve()
-    if path == root or not path.is_relative_to(root):
+    prefix = f"{rel.parent.as_posix()}/{SAMPLES_DIRNAME}"
+    try:
+        artifacts.key(prefix)
+    except UnsafePath:
         return None
-    return path
+    return prefix
 
 
 def is_sample_filename(filename: str) -> bool:
     return SAMPLE_FILENAME.fullmatch(filename) is not None
 
 
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
+def _read_manifest(artifacts: ObjectStore, prefix: str) -> dict[str, Any] | None:
     try:
-        with open(directory / SAMPLES_MANIFEST, "rb") as fh:
-            raw = fh.read(_MANIFEST_MAX_BYTES + 1)
-    except OSError:
+        raw = artifacts.read(f"{prefix}/{SAMPLES_MANIFEST}", limit=_MANIFEST_MAX_BYTES + 1)
+    except (OSError, UnsafePath):
         return None
     if len(raw) > _MANIFEST_MAX_BYTES:
         return None
@@ -215,12 +218,12 @@ def _created_at(value: Any) -> datetime | None:
         return None
 
 
-def get_samples(session: Session, models_dir: Path, version_id: int) -> VersionSamples:
+def get_samples(session: Session, artifacts: ObjectStore, version_id: int) -> VersionSamples:
     """The validation grid of ``version_id`` from its manifest; NotFound when the version is
     unknown or has no (readable) samples."""
     version = get_version(session, version_id)
-    directory = samples_dir(models_dir, version)
-    manifest = _read_manifest(directory) if directory is not None else None
+    prefix = samples_prefix(artifacts, version)
+    manifest = _read_manifest(artifacts, prefix) if prefix is not None else None
     if manifest is None:
         raise _no_samples(version_id)
     rows = _sample_rows(manifest)
@@ -236,17 +239,17 @@ def get_samples(session: Session, models_dir: Path, version_id: int) -> VersionS
     )
 
 
-def sample_file(session: Session, models_dir: Path, version_id: int, filename: str) -> Path:
-    """The path of one validation image of ``version_id``; NotFound for an unknown version,
+def sample_bytes(session: Session, artifacts: ObjectStore, version_id: int, filename: str) -> bytes:
+    """One validation image of ``version_id`` (PNG bytes); NotFound for an unknown version,
     a name that is not a sample's (``parent-NN.png``, ``candidate-NN.png``, ``grid.png``), or
     a missing file."""
     if not is_sample_filename(filename):
         raise NotFound(f"no validation sample named {filename[:64]!r}")
     version = get_version(session, version_id)
-    directory = samples_dir(models_dir, version)
-    if directory is None:
+    prefix = samples_prefix(artifacts, version)
+    if prefix is None:
         raise _no_samples(version_id)
-    path = (directory / filename).resolve()
-    if not path.is_relative_to(directory) or not path.is_file():
-        raise NotFound(f"version {version_id} has no validation sample {filename!r}")
-    return path
+    try:
+        return artifacts.read(f"{prefix}/{filename}")
+    except (OSError, UnsafePath):  # missing, or replaced or removed since it was listed
+        raise NotFound(f"version {version_id} has no validation sample {filename!r}") from None

@@ -243,7 +243,7 @@ def test_staging_keeps_a_file_that_a_committed_row_refers_to(env):
     creator = env.state.db.write_session()
     img = image_service.store_image(creator, env.state.store, **kw)
     path = env.state.store.resolve(img.storage_path)
-    assert staging.pending_files(creator) == [path]
+    assert staging.pending_files(creator) == [img.storage_path]
     with env.state.db.transaction() as other:  # stores the same content: path existed
         image_service.store_image(other, env.state.store, **kw)
         assert staging.pending_files(other) == []

@@ -9,6 +9,7 @@ is the real trainer (a few LoRA steps on CPU) and the evaluation the real judge.
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,12 @@ def test_round_goes_queued_running_evaluating_succeeded(
     assert rnd.version_id == version.id
     assert VersionStatus(version.status) == VersionStatus.candidate
     assert version.parent_id == rnd.parent_version_id is not None
-    assert version.adapter_path == f"versions/round-{round_id}/adapter.safetensors"
+    # Under a prefix unique to the publishing attempt (worker/rounds.py), nothing else left.
+    assert re.fullmatch(
+        rf"versions/round-{round_id}/a1-[0-9a-f]{{12}}/adapter\.safetensors", version.adapter_path
+    ), version.adapter_path
     adapter = settings.models_dir / version.adapter_path
+    assert [p.name for p in adapter.parent.parent.iterdir()] == [adapter.parent.name]
     assert hashlib.sha256(adapter.read_bytes()).hexdigest() == version.adapter_sha256
 
     # The validation grid: parent | candidate on fixed prompts and seeds, beside the adapter.

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
-from fastapi.responses import FileResponse
 
 from backend.api.deps import IdPath, SessionDep, StateDep, get_current_user, oauth2_scheme
 from backend.services import images as image_service
@@ -31,7 +30,10 @@ def get_image(
     sig: Annotated[str | None, Query(max_length=64, pattern="^[0-9a-f]+$")] = None,
 ) -> Response:
     """The image bytes. Authorised by the signed URL that ``/pairs/next`` returns, or by a
-    bearer token. Content never changes: ``ETag`` is its sha256, cached as immutable."""
+    bearer token. Content never changes: ``ETag`` is its sha256, cached as immutable.
+
+    The API serves the bytes itself from the store, local disk or object storage (kept in an
+    in-process cache there; docs/scaling.md says why this is not a redirect to the bucket)."""
     if sig is not None:
         if not state.signer.verify(image_id, sig):
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid image signature")
@@ -43,9 +45,7 @@ def get_image(
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     try:
-        path = state.store.resolve(image.storage_path)
-    except UnsafePath:
+        data = state.store.read(image.storage_path)
+    except (UnsafePath, FileNotFoundError, IsADirectoryError):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="image file not found") from None
-    if not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="image file not found")
-    return FileResponse(path, media_type=image.media_type, headers=headers)
+    return Response(content=data, media_type=image.media_type, headers=headers)

@@ -20,7 +20,6 @@ from backend.schemas import (
 )
 from backend.services import publishing
 from backend.services import versions as version_service
-from backend.services.errors import NotFound
 
 router = APIRouter(prefix="/versions", tags=["versions"])
 
@@ -175,7 +174,7 @@ def get_version_samples(
     """The validation grid the round that made this version rendered: each prompt drawn by
     the parent and by this version with the same seed, and the composite ``grid.png`` (one
     row per prompt, parent | candidate)."""
-    samples = version_service.get_samples(session, state.settings.models_dir, version_id)
+    samples = version_service.get_samples(session, state.artifacts, version_id)
     return VersionSamplesPublic(
         version_id=samples.version_id,
         parent_id=samples.parent_id,
@@ -217,11 +216,7 @@ def get_version_sample_file(
     admin: AdminUser,
 ) -> Response:
     """One validation image of this version (PNG)."""
-    path = version_service.sample_file(session, state.settings.models_dir, version_id, filename)
-    try:
-        data = path.read_bytes()
-    except OSError:  # replaced or removed since it was found
-        raise NotFound(f"version {version_id} has no validation sample {filename!r}") from None
+    data = version_service.sample_bytes(session, state.artifacts, version_id, filename)
     etag = f'"{hashlib.sha256(data).hexdigest()}"'
     headers = {"ETag": etag, "Cache-Control": SAMPLES_CACHE_CONTROL}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
