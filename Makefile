@@ -69,6 +69,7 @@ bench: setup services ## every benchmark, full size
 	$(BIN)/python -m bench.api_fuzz
 	$(BIN)/python -m bench.worker_kill
 	$(BIN)/python -m bench.ui_latency
+	$(BIN)/python -m bench.storage
 
 bench-quick: setup services ## every benchmark with --quick (each under 2 minutes)
 	$(BIN)/python -m bench.train_step --quick
@@ -81,6 +82,7 @@ bench-quick: setup services ## every benchmark with --quick (each under 2 minute
 	$(BIN)/python -m bench.api_fuzz --quick
 	$(BIN)/python -m bench.worker_kill --quick
 	$(BIN)/python -m bench.ui_latency --quick
+	$(BIN)/python -m bench.storage --quick
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache

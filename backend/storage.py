@@ -152,9 +152,11 @@ class ObjectStore:
         """The object's bytes (at most ``limit`` of them when given).
         Raises FileNotFoundError when there is none."""
         key = self.key(rel)
+        # s3fs asks for the size first (a HEAD) unless told to read in one request.
+        kw = {} if self.is_local else {"max_concurrency": 1}
         if limit is None:
-            return bytes(self.fs.cat_file(key))
-        return bytes(self.fs.cat_file(key, start=0, end=limit))
+            return bytes(self.fs.cat_file(key, **kw))
+        return bytes(self.fs.cat_file(key, start=0, end=limit, **kw))
 
     def open(self, rel: str) -> IO[bytes]:
         return self.fs.open(self.key(rel), "rb")  # type: ignore[no-any-return]
