@@ -48,6 +48,14 @@ CPU shared with other jobs it is steadier than wall time.
     python -m bench.train_step              # full: 2 rounds, 8 timed steps per run (3-9 min)
     python -m bench.train_step --quick      # the same table, fewer steps (< 2 min)
     python -m bench.train_step --gpu-sd15   # also the full-size SD1.5 UNet on CUDA
+    python -m bench.train_step --cache-only --rounds 3   # the encode cache, before and after
+
+The encode cache table (``--cache-compare``, or ``--cache-only`` without the DDE/DPO table)
+trains tiny SD (and, with ``--gpu-sd15`` on CUDA, the SD1.5 UNet) with
+``train(..., encode_cache=False)`` (before: the VAE and the text encoder run at every step) and
+``encode_cache=True`` (after: encoded once per run, :mod:`worker.alignment.encode_cache`), in
+alternating order, and prints pairs/s, CPU time and peak memory of each with the ratios, and the
+pairs/s of the whole ``train()`` call (the cache's build included). docs/training-throughput.md.
 
 The figures also go to ``bench/out/train_step.json``.
 """
@@ -298,6 +306,7 @@ def _child_measure(spec: dict[str, Any]) -> dict[str, Any]:
             progress=progress,
             resume=False,
             progress_bar=False,
+            encode_cache=bool(spec.get("encode_cache", True)),
         )
         train_wall = time.perf_counter() - t0
     seconds = [float(m.seconds) for m in result.history]
@@ -312,6 +321,8 @@ def _child_measure(spec: dict[str, Any]) -> dict[str, Any]:
         "timesteps_histogram": [list(m.timestep_histogram) for m in result.history],
         "setup_seconds": setup_s,
         "train_wall_seconds": train_wall,
+        "trained_pairs": (spec["warmup"] + spec["steps"]) * spec["batch_size"],
+        "encode_cache": bool(spec.get("encode_cache", True)),
         "rss_before_train_mb": rss_before,
         "peak_rss_mb": _peak_rss_mb(),
         "weights": weights,
@@ -509,6 +520,118 @@ def _add_ratios(rows: dict[tuple[str, str, str, str], dict[str, Any]]) -> None:
         agg["peak_ratio"] = agg["peak_mb"] / ref["peak_mb"]
 
 
+# ============================================================================ the encode cache
+#: groups of the encode-cache comparison: the models with a VAE (the built-in model has none).
+CACHE_GROUPS: list[tuple[str, str]] = [("tiny-sd", "lora")]
+CacheKey = tuple[str, str, str, str, bool]
+
+
+def _run_cache_rows(
+    ctx: Any,
+    groups: list[tuple[str, str]],
+    methods: list[tuple[str, str]],
+    base: dict[str, Any],
+    rounds: int,
+) -> dict[CacheKey, dict[str, Any]]:
+    """Each (group, method) trained with ``encode_cache=False`` (before: the VAE and the text
+    encoder run at every step) and ``True`` (after), next to each other, in the opposite order
+    in each round, so that a slow spell of the shared machine hits both alike."""
+    runs: dict[CacheKey, list[dict[str, Any]]] = {}
+    total = len(groups) * len(methods) * 2 * rounds
+    done = 0
+    for r in range(rounds):
+        for model, finetune in groups:
+            for scheme, mode in methods:
+                for cache in (False, True) if r % 2 == 0 else (True, False):
+                    spec = {
+                        **base,
+                        "model": model,
+                        "finetune": finetune,
+                        "scheme": scheme,
+                        "mode": mode,
+                        "encode_cache": cache,
+                    }
+                    done += 1
+                    t0 = time.perf_counter()
+                    res = _call(ctx, _child_measure, spec)
+                    print(
+                        f"  [{done}/{total}] round {r + 1} {model:8s} {finetune:4s} {scheme:8s} "
+                        f"{mode:10s} cache {'on ' if cache else 'off'} "
+                        f"{_median(res['timed_seconds']):.4f} s/step, peak "
+                        f"{res['peak_mb']:.0f} MB ({time.perf_counter() - t0:.1f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    runs.setdefault((model, finetune, scheme, mode, cache), []).append(res)
+    rows = {}
+    for key, v in runs.items():
+        agg = _aggregate(v, base["batch_size"])
+        agg["run_pairs_per_s"] = _median([x["trained_pairs"] / x["train_wall_seconds"] for x in v])
+        rows[key] = agg
+    for (model, finetune, scheme, mode, cache), agg in rows.items():
+        before = rows.get((model, finetune, scheme, mode, False))
+        if not cache or before is None:
+            agg["speedup"] = agg["cpu_speedup"] = agg["run_speedup"] = agg["peak_ratio"] = float(
+                "nan"
+            )
+            continue
+        agg["speedup"] = agg["pairs_per_s"] / before["pairs_per_s"]
+        agg["cpu_speedup"] = before["cpu_s_per_step"] / agg["cpu_s_per_step"]
+        agg["run_speedup"] = agg["run_pairs_per_s"] / before["run_pairs_per_s"]
+        agg["peak_ratio"] = agg["peak_mb"] / before["peak_mb"]
+    return rows
+
+
+CACHE_HEADERS = [
+    "model",
+    "finetune",
+    "scheme",
+    "mode",
+    "encode cache",
+    "s/step",
+    "pairs/s",
+    "speedup",
+    "cpu s/step",
+    "cpu speedup",
+    "peak MB",
+    "peak ratio",
+    "run pairs/s",
+    "run speedup",
+]
+
+
+def _cache_table(rows: dict[CacheKey, dict[str, Any]]) -> str:
+    lines = []
+    for (model, finetune, scheme, mode, cache), a in rows.items():
+        base = "1.00 (before)"
+        lines.append(
+            [
+                MODEL_LABELS.get(model, model),
+                finetune,
+                "uniform (DPO)" if scheme == "uniform" else scheme,
+                mode,
+                "on (after)" if cache else "off (before)",
+                fmt(a["s_per_step"], 4),
+                fmt(a["pairs_per_s"], 2),
+                fmt(a["speedup"], 2) if cache else base,
+                fmt(a["cpu_s_per_step"], 4),
+                fmt(a["cpu_speedup"], 2) if cache else base,
+                fmt(a["peak_mb"], 0),
+                fmt(a["peak_ratio"], 2) if cache else base,
+                fmt(a["run_pairs_per_s"], 2),
+                fmt(a["run_speedup"], 2) if cache else base,
+            ]
+        )
+    return format_table(CACHE_HEADERS, lines, align="lllll" + "r" * (len(CACHE_HEADERS) - 5))
+
+
+def _jsonable_cache(rows: dict[CacheKey, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"model": m, "finetune": f, "scheme": s, "mode": md, "encode_cache": c, **a}
+        for (m, f, s, md, c), a in rows.items()
+    ]
+
+
 MODEL_LABELS = {"builtin": "builtin:shapes", "tiny-sd": "tiny-sd", "sd15": "sd15-arch"}
 HEADERS = [
     "model",
@@ -686,6 +809,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="SD1.5 runs with gradient checkpointing",
     )
     p.add_argument(
+        "--cache-compare",
+        action="store_true",
+        help="also the encode cache before/after table: tiny SD (and the SD1.5 UNet with "
+        "--gpu-sd15 on CUDA) trained with encode_cache off and on, side by side",
+    )
+    p.add_argument(
+        "--cache-only",
+        action="store_true",
+        help="only the encode cache table (implies --cache-compare; skips the DDE/DPO table)",
+    )
+    p.add_argument(
+        "--cache-methods",
+        choices=["default", "all"],
+        default="default",
+        help="schemes of the cache table: the product's default (dde/importance) or all three",
+    )
+    p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})"
     )
     args = p.parse_args(argv)
@@ -693,12 +833,90 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     args.gpu_steps = args.gpu_steps if args.gpu_steps is not None else (5 if args.quick else 10)
+    args.cache_compare = args.cache_compare or args.cache_only
     for name in ("steps", "warmup", "rounds", "batch_size", "pairs", "gpu_steps", "gpu_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads < 0 or args.tolerance < 0:
         p.error("--threads and --tolerance must be >= 0")
     return args
+
+
+def _print_main(
+    rows: dict[tuple[str, str, str, str], dict[str, Any]],
+    args: argparse.Namespace,
+    env: dict[str, Any],
+    device_note: str,
+    result: dict[str, Any],
+) -> None:
+    """Prints the DDE vs Diffusion-DPO table and verdict; adds them to ``result``."""
+    _add_ratios(rows)
+    builtin_note = (
+        "trained checkpoint (worker/shapes/checkpoint/)"
+        if env["builtin_checkpoint"]
+        else "RANDOM weights: worker/shapes/checkpoint/ is absent, built from BuiltinConfig "
+        "(step cost does not depend on the weights)"
+    )
+    print()
+    print(
+        f"Training step cost, DDE vs Diffusion-DPO (real trainer: worker.alignment.trainer.train). "
+        f"{args.batch_size} pairs/step, seed {args.seed}, same data for every row; median over "
+        f"{args.steps} timed steps x {args.rounds} round(s) after {args.warmup} warm-up step(s); "
+        f"LoRA r={LORA_RANK}; {device_note}."
+    )
+    print(f"builtin:shapes weights: {builtin_note}.")
+    print(
+        "tiny-sd: tiny SD1.5-architecture pipeline built from configs, saved, loaded by load_backbone."
+    )
+    peak_kind = next(iter(rows.values()))["peak_kind"]
+    print(
+        f"peak MB: {peak_kind} of the configuration's own process"
+        + (" (includes ~0.3-0.5 GB of imported libraries)." if peak_kind == "ru_maxrss" else ".")
+    )
+    print()
+    print(_table(rows))
+    spreads = [a["round_spread"] for a in rows.values() if a["round_spread"] is not None]
+    cpu_spreads = [
+        a["cpu_round_spread"] for a in rows.values() if a["cpu_round_spread"] is not None
+    ]
+    if spreads:
+        print(
+            f"noise: one configuration's per-round medians differ by up to {max(spreads):.0%} in "
+            f"wall time" + (f", {max(cpu_spreads):.0%} in CPU time." if cpu_spreads else ".")
+        )
+    verdict = _verdict(rows, args.tolerance)
+    print(verdict["text"])
+    result["rows"] = _jsonable(rows)
+    result["verdict"] = verdict
+    result["builtin_weights"] = builtin_note
+
+
+def _print_cache(
+    rows: dict[CacheKey, dict[str, Any]],
+    args: argparse.Namespace,
+    device_note: str,
+    result: dict[str, Any],
+) -> None:
+    """Prints the encode cache before/after table; adds it to ``result``."""
+    print()
+    print(
+        f"Encode cache, before (off: the VAE and the text encoder run at every step) and after "
+        f"(on: latent distributions and prompt embeddings encoded once per run, latents sampled "
+        f"per step). {args.batch_size} pairs/step, {args.pairs} pairs, median over "
+        f"{args.steps} timed steps x {args.rounds} round(s) after {args.warmup} warm-up "
+        f"step(s); LoRA r={LORA_RANK}; {device_note}. speedup = pairs/s after / before; "
+        f"run pairs/s = pairs trained / wall time of the whole train() call (setup, cache "
+        f"build, warm-up included)."
+    )
+    print()
+    print(_cache_table(rows))
+    spreads = [a["round_spread"] for a in rows.values() if a["round_spread"] is not None]
+    if spreads:
+        print(
+            f"noise: one configuration's per-round medians differ by up to {max(spreads):.0%} "
+            "in wall time."
+        )
+    result["encode_cache_rows"] = _jsonable_cache(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -762,14 +980,13 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup": 1,
             },
         )
-        rows = _run_rows(ctx, GROUPS, base, args.rounds)
-    _add_ratios(rows)
-    builtin_note = (
-        "trained checkpoint (worker/shapes/checkpoint/)"
-        if env["builtin_checkpoint"]
-        else "RANDOM weights: worker/shapes/checkpoint/ is absent, built from BuiltinConfig "
-        "(step cost does not depend on the weights)"
-    )
+        rows = {} if args.cache_only else _run_rows(ctx, GROUPS, base, args.rounds)
+        cache_methods = METHODS if args.cache_methods == "all" else METHODS[:1]
+        cache_rows = (
+            _run_cache_rows(ctx, CACHE_GROUPS, cache_methods, base, args.rounds)
+            if args.cache_compare
+            else {}
+        )
     device_note = (
         f"CUDA ({env.get('gpu_name')})"
         if env["cuda"]
@@ -778,38 +995,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{os.cpu_count()} cores"
         )
     )
-    print()
-    print(
-        f"Training step cost, DDE vs Diffusion-DPO (real trainer: worker.alignment.trainer.train). "
-        f"{args.batch_size} pairs/step, seed {args.seed}, same data for every row; median over "
-        f"{args.steps} timed steps x {args.rounds} round(s) after {args.warmup} warm-up step(s); "
-        f"LoRA r={LORA_RANK}; {device_note}."
-    )
-    print(f"builtin:shapes weights: {builtin_note}.")
-    print(
-        "tiny-sd: tiny SD1.5-architecture pipeline built from configs, saved, loaded by load_backbone."
-    )
-    peak_kind = next(iter(rows.values()))["peak_kind"]
-    print(
-        f"peak MB: {peak_kind} of the configuration's own process"
-        + (" (includes ~0.3-0.5 GB of imported libraries)." if peak_kind == "ru_maxrss" else ".")
-    )
-    print()
-    print(_table(rows))
-    spreads = [a["round_spread"] for a in rows.values() if a["round_spread"] is not None]
-    cpu_spreads = [
-        a["cpu_round_spread"] for a in rows.values() if a["cpu_round_spread"] is not None
-    ]
-    if spreads:
-        print(
-            f"noise: one configuration's per-round medians differ by up to {max(spreads):.0%} in "
-            f"wall time" + (f", {max(cpu_spreads):.0%} in CPU time." if cpu_spreads else ".")
-        )
-    verdict = _verdict(rows, args.tolerance)
-    print(verdict["text"])
-    result["rows"] = _jsonable(rows)
-    result["verdict"] = verdict
-    result["builtin_weights"] = builtin_note
+    if rows:
+        _print_main(rows, args, env, device_note, result)
+    if cache_rows:
+        _print_cache(cache_rows, args, device_note, result)
 
     # ------------------------------------------------------------------ SD1.5 on a GPU
     if args.gpu_sd15:
@@ -831,18 +1020,25 @@ def main(argv: list[str] | None = None) -> int:
                 "mixed_precision": "bf16",
                 "gradient_checkpointing": bool(args.gradient_checkpointing),
             }
-            gpu_rows = _run_rows(ctx, [("sd15", "lora")], gpu_base, 1)
-            _add_ratios(gpu_rows)
             print(
                 f"Full-size SD1.5 UNet (860M, random weights) + SD1.5-sized VAE and CLIP-L-sized "
                 f"text encoder (random), 512x512, {args.gpu_batch_size} pairs/step, LoRA "
                 f"r={LORA_RANK}, bf16, gradient checkpointing "
                 f"{'on' if args.gradient_checkpointing else 'off'}, {env.get('gpu_name')}:"
             )
-            print(_table(gpu_rows))
-            gv = _verdict(gpu_rows, args.tolerance)
-            print(gv["text"])
-            result["gpu_sd15"] = {"skipped": False, "rows": _jsonable(gpu_rows), "verdict": gv}
+            result["gpu_sd15"] = {"skipped": False}
+            if not args.cache_only:
+                gpu_rows = _run_rows(ctx, [("sd15", "lora")], gpu_base, 1)
+                _add_ratios(gpu_rows)
+                print(_table(gpu_rows))
+                gv = _verdict(gpu_rows, args.tolerance)
+                print(gv["text"])
+                result["gpu_sd15"].update(rows=_jsonable(gpu_rows), verdict=gv)
+            if args.cache_compare:
+                gpu_cache = _run_cache_rows(ctx, [("sd15", "lora")], METHODS[:1], gpu_base, 1)
+                print("encode cache, before and after:")
+                print(_cache_table(gpu_cache))
+                result["gpu_sd15"]["encode_cache_rows"] = _jsonable_cache(gpu_cache)
 
     result["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result["total_seconds"] = time.perf_counter() - started

@@ -121,11 +121,18 @@ def derive_seed(*parts: int) -> int:
 
 
 class PairDataset(Dataset):
-    """Items are looked up by ``(pair index, stream position)``; images converted lazily."""
+    """Items are looked up by ``(pair index, stream position)``; images converted lazily.
 
-    def __init__(self, pairs: Sequence[PreferencePair], resolution: int) -> None:
+    ``images=False`` leaves the images out of the items (the trainer then reads the pairs'
+    latents from its encode cache by ``index``).
+    """
+
+    def __init__(
+        self, pairs: Sequence[PreferencePair], resolution: int, *, images: bool = True
+    ) -> None:
         self.pairs = pairs
         self.resolution = resolution
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -133,23 +140,29 @@ class PairDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, position = key
         pair = self.pairs[index]
-        return {
+        item: dict[str, Any] = {
             "prompt": pair.prompt,
-            "winner": image_to_tensor(pair.winner, self.resolution),
-            "loser": image_to_tensor(pair.loser, self.resolution),
             "tie": bool(pair.tie),
             "position": int(position),
+            "index": int(index),
         }
+        if self.images:
+            item["winner"] = image_to_tensor(pair.winner, self.resolution)
+            item["loser"] = image_to_tensor(pair.loser, self.resolution)
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    batch: dict[str, Any] = {
         "prompt": [it["prompt"] for it in items],
-        "winner": torch.stack([it["winner"] for it in items]),
-        "loser": torch.stack([it["loser"] for it in items]),
         "tie": torch.tensor([it["tie"] for it in items], dtype=torch.bool),
         "position": torch.tensor([it["position"] for it in items], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
+    if "winner" in items[0]:
+        batch["winner"] = torch.stack([it["winner"] for it in items])
+        batch["loser"] = torch.stack([it["loser"] for it in items])
+    return batch
 
 
 class SeededEpochSampler(Sampler):

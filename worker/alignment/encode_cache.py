@@ -1,0 +1,347 @@
+"""The round's frozen encodings, computed once: VAE latent distributions and prompt embeddings.
+
+The VAE and the text encoder(s) are frozen during a round, and so are the round's pairs, so the
+trainer need not run them at every step. :func:`load_or_build` encodes, once per round:
+
+- every training image's VAE latent *distribution* (``mean`` and ``std`` of diffusers'
+  ``DiagonalGaussianDistribution``), when the model has a VAE (SD, SDXL; the pixel-space
+  built-in model has none and nothing is cached for its images);
+- every distinct prompt's :class:`~worker.alignment.backbone.Conditioning` (token embeddings,
+  and SDXL's pooled embedding and size ids);
+
+and keeps them in one file beside the round's checkpoints
+(``<output_dir>/encode-cache/<key>.pt``). A step then *samples* each latent from its cached
+distribution with the pair's own seeded generator, the same draw ``dist.sample(generator)``
+makes (:meth:`EncodingCache.sample_latents`), so the run consumes every generator in the same
+order as without the cache and stays a function of (seed, data, config).
+
+The file name is a hash of everything the encodings depend on: the model (name, kind, a
+fingerprint of the VAE's and text encoders' weights, their dtypes), the resolution, the device
+type, the prompts and the bytes of every image, in order. A resumed round finds its file and
+loads it; a round on another model or snapshot finds none, encodes anew and removes the old file.
+The file is written atomically (:func:`backend.fileio.atomic_write`) and read memory-mapped, so
+its size (below) is page cache, not the process's own memory; an unreadable or mismatched file is
+rebuilt.
+
+Size: ``2 x 4 bytes x C x h x w`` per image (fp32 latents), i.e. 128 KB per image for SD1.5 at
+512 px (4 x 64 x 64), 512 KB for SDXL at 1024 px; plus ``4 x L x D`` bytes per distinct prompt
+(236 KB for CLIP-L, 77 x 768).
+
+Nothing here imports from the web or database layers (``backend.fileio`` is torch-free and
+standalone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.alignment.backbone import Backbone, Conditioning
+from worker.alignment.data import PreferencePair, image_to_tensor
+
+__all__ = [
+    "CACHE_DIRNAME",
+    "FORMAT_VERSION",
+    "EncodingCache",
+    "cache_key",
+    "load_or_build",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIRNAME = "encode-cache"
+FORMAT_VERSION = 1
+_SUFFIX = ".pt"
+
+
+@dataclass
+class EncodingCache:
+    """A round's encodings, in memory (memory-mapped from the cache file).
+
+    Attributes:
+        key: the hash the file is named by (:func:`cache_key`).
+        prompts: the distinct prompts, in the order of the rows of ``hidden``.
+        hidden: ``[P, L, D]`` token embeddings, one row per distinct prompt.
+        added: SDXL's ``{"text_embeds": [P, D2], "time_ids": [P, 6]}``, or None.
+        latent_mean / latent_std: ``[2N, C, h, w]``, the winner of pair i at row 2i and its loser
+            at 2i + 1, in the VAE's dtype; None for a model without a VAE.
+        scaling_factor: the VAE's ``scaling_factor`` (applied after sampling, as
+            :meth:`Backbone.images_to_latents` does).
+        channels_last: the VAE gave its distribution in channels-last order (oneDNN on a CPU
+            does); the sampled latents are laid out alike, so the UNet gets the very tensor it
+            would get from the VAE (its convolutions round differently on another layout).
+        reused: True when the file was there already (a resumed round), False when built now.
+    """
+
+    key: str
+    prompts: list[str]
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] | None
+    latent_mean: torch.Tensor | None
+    latent_std: torch.Tensor | None
+    scaling_factor: float
+    channels_last: bool = False
+    reused: bool = False
+
+    def __post_init__(self) -> None:
+        self._row = {p: i for i, p in enumerate(self.prompts)}
+
+    @property
+    def has_latents(self) -> bool:
+        return self.latent_mean is not None
+
+    def conditioning(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
+        """The :class:`Conditioning` of ``prompts`` (rows in their order), on ``device``."""
+        rows = torch.tensor([self._row[p] for p in prompts], dtype=torch.long)
+        hidden = self.hidden.index_select(0, rows).to(device)
+        added = None
+        if self.added is not None:
+            added = {k: v.index_select(0, rows).to(device) for k, v in self.added.items()}
+        return Conditioning(hidden, added)
+
+    def sample_latents(
+        self,
+        pair_indices: Sequence[int],
+        generators: Sequence[torch.Generator],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``[2B, C, h, w]`` scaled latents of the batch ``[winners; losers]``, drawn from the
+        cached distributions with ``generators`` (one per pair, used for its winner then its
+        loser, as ``backbone.images_to_latents(images, generator=gens + gens)`` uses them).
+
+        Draws exactly what ``DiagonalGaussianDistribution.sample`` draws: diffusers'
+        ``randn_tensor`` on the distribution's device and dtype, then ``mean + std * noise``.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if self.latent_mean is None or self.latent_std is None:
+            raise ValueError("this cache holds no latents (the model has no VAE)")
+        idx = [2 * int(i) for i in pair_indices] + [2 * int(i) + 1 for i in pair_indices]
+        rows = torch.tensor(idx, dtype=torch.long)
+        mean = self.latent_mean.index_select(0, rows).to(device)
+        std = self.latent_std.index_select(0, rows).to(device)
+        if self.channels_last:
+            mean = mean.contiguous(memory_format=torch.channels_last)
+            std = std.contiguous(memory_format=torch.channels_last)
+        gens = list(generators) + list(generators)
+        noise = randn_tensor(mean.shape, generator=gens, device=mean.device, dtype=mean.dtype)
+        z = mean + std * noise
+        return (z * self.scaling_factor).to(dtype)
+
+
+# ============================================================================ the key
+def _image_digest(h: Any, image: Any) -> None:
+    """Feeds the bytes of one image (any :data:`~worker.alignment.data.ImageLike`) to ``h``."""
+    if isinstance(image, torch.Tensor):
+        arr = image.detach().cpu().contiguous().numpy()
+        h.update(f"t{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    elif isinstance(image, np.ndarray):
+        arr = np.ascontiguousarray(image)
+        h.update(f"n{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    elif hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):
+        h.update(f"p{image.mode}{tuple(image.size)}".encode())  # PIL
+        h.update(image.tobytes())
+    else:
+        raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def _weights_digest(h: Any, module: torch.nn.Module | None, label: str) -> None:
+    """A fingerprint of a frozen module: every tensor's name, shape and dtype, and 64 values
+    spread over it (enough to tell two checkpoints apart without hashing gigabytes)."""
+    h.update(f"\x00{label}".encode())
+    if module is None:
+        return
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 64)
+            sample = flat[::step][:64].to("cpu", torch.float64).numpy()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(sample.tobytes())
+
+
+def _dtype_of(module: torch.nn.Module | None) -> str:
+    if module is None:
+        return "-"
+    return str(next(module.parameters()).dtype)
+
+
+def cache_key(
+    backbone: Backbone,
+    pairs: Sequence[PreferencePair],
+    resolution: int,
+    device: torch.device,
+) -> str:
+    """The hash naming a cache file: the model, the resolution, the device type, and the
+    prompts and images in order. Anything that changes an encoding changes the key."""
+    bb = backbone
+    h = hashlib.sha256()
+    h.update(
+        "|".join(
+            [
+                f"v{FORMAT_VERSION}",
+                bb.kind,
+                str(bb.name),
+                str(resolution),
+                device.type,
+                _dtype_of(bb.vae),
+                _dtype_of(bb.text_encoder),
+                _dtype_of(bb.text_encoder_2),
+                str(bb.dtype),  # encode_prompts casts to the UNet's dtype
+                str(len(pairs)),
+            ]
+        ).encode()
+    )
+    _weights_digest(h, bb.vae, "vae")
+    _weights_digest(h, bb.text_encoder, "text_encoder")
+    _weights_digest(h, bb.text_encoder_2, "text_encoder_2")
+    for p in pairs:
+        h.update(b"\x01" + p.prompt.encode("utf-8"))
+        if bb.vae is not None:
+            _image_digest(h, p.winner)
+            _image_digest(h, p.loser)
+    return h.hexdigest()[:32]
+
+
+# ============================================================================ build / load
+@torch.no_grad()
+def _encode(
+    backbone: Backbone,
+    pairs: Sequence[PreferencePair],
+    resolution: int,
+    device: torch.device,
+    batch_size: int,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
+    # as the step does without a cache: no autocast around the frozen encoders (the VAE and the
+    # text encoders already run in the dtypes the trainer gave them)
+    bb = backbone
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    hidden, added = [], []
+    for s in range(0, len(prompts), batch_size):
+        if should_stop is not None and should_stop():
+            return None
+        cond = bb.encode_prompts(prompts[s : s + batch_size])
+        hidden.append(cond.encoder_hidden_states.cpu())
+        if cond.added_cond_kwargs is not None:
+            added.append({k: v.cpu() for k, v in cond.added_cond_kwargs.items()})
+    out: dict[str, Any] = {"prompts": prompts, "hidden": torch.cat(hidden)}
+    if added:
+        out["added"] = {k: torch.cat([a[k] for a in added]) for k in added[0]}
+    if bb.vae is not None:
+        vae_dtype = next(bb.vae.parameters()).dtype
+        means, stds = [], []
+        channels_last = False
+        per_chunk = max(1, batch_size // 2)
+        for s in range(0, len(pairs), per_chunk):
+            if should_stop is not None and should_stop():
+                return None
+            images = []
+            for p in pairs[s : s + per_chunk]:
+                images += [
+                    image_to_tensor(p.winner, resolution),
+                    image_to_tensor(p.loser, resolution),
+                ]
+            x = torch.stack(images).to(device, vae_dtype)
+            dist = bb.vae.encode(x).latent_dist
+            if dist.mean.dim() == 4 and dist.mean.stride(1) < dist.mean.stride(3):
+                channels_last = True
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
+        out["latent_mean"] = torch.cat(means).contiguous()
+        out["latent_std"] = torch.cat(stds).contiguous()
+        out["channels_last"] = channels_last
+    return out
+
+
+def _read(path: Path, key: str) -> dict[str, Any] | None:
+    """The payload at ``path`` if it is a complete cache file of ``key``, else None."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt
+        logger.warning("encode cache %s unreadable (%s); rebuilding", path, exc)
+        return None
+    if (
+        not isinstance(data, dict)
+        or data.get("key") != key
+        or data.get("version") != FORMAT_VERSION
+    ):
+        logger.warning("encode cache %s belongs to another run; rebuilding", path)
+        return None
+    return data
+
+
+def _to_cache(data: dict[str, Any], scaling_factor: float, reused: bool) -> EncodingCache:
+    return EncodingCache(
+        key=str(data["key"]),
+        prompts=list(data["prompts"]),
+        hidden=data["hidden"],
+        added=data.get("added"),
+        latent_mean=data.get("latent_mean"),
+        latent_std=data.get("latent_std"),
+        scaling_factor=scaling_factor,
+        channels_last=bool(data.get("channels_last", False)),
+        reused=reused,
+    )
+
+
+def load_or_build(
+    backbone: Backbone,
+    pairs: Sequence[PreferencePair],
+    *,
+    resolution: int,
+    directory: str | Path,
+    device: torch.device,
+    batch_size: int = 16,
+    write: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> EncodingCache | None:
+    """The round's :class:`EncodingCache`: loaded from ``directory`` when a file of this key is
+    there, else encoded (``batch_size`` images or prompts per pass) and written atomically.
+
+    Call it after the backbone is on its device and in its training dtypes (the key and the
+    encodings depend on both). ``write=False`` (the non-main processes of a multi-process run)
+    never writes: it loads the file the main process wrote, or encodes in memory.
+    ``should_stop`` is polled between batches while encoding; True returns None (nothing
+    written).
+    """
+    from backend.fileio import atomic_write
+
+    bb = backbone
+    directory = Path(directory)
+    key = cache_key(bb, pairs, resolution, device)
+    path = directory / f"{key}{_SUFFIX}"
+    scaling = float(bb.vae.config.scaling_factor) if bb.vae is not None else 1.0
+    if path.is_file():
+        data = _read(path, key)
+        if data is not None:
+            logger.info("encode cache: reusing %s", path)
+            return _to_cache(data, scaling, reused=True)
+    data = _encode(bb, pairs, resolution, device, batch_size, should_stop)
+    if data is None:
+        return None
+    data.update(key=key, version=FORMAT_VERSION)
+    if not write:
+        return _to_cache(data, scaling, reused=False)
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    atomic_write(path, buf.getvalue())
+    for old in directory.glob(f"*{_SUFFIX}"):  # another snapshot's or model's cache
+        if old != path:
+            old.unlink(missing_ok=True)
+    logger.info("encode cache: wrote %s (%.1f MB)", path, buf.tell() / 2**20)
+    # read back memory-mapped: the arrays live in the page cache, not in this process's heap,
+    # and this run uses the very bytes a resumed run will read
+    reread = _read(path, key)
+    return _to_cache(reread if reread is not None else data, scaling, reused=False)
