@@ -116,6 +116,21 @@ class Settings(BaseSettings):
     pair_pool_target: int = Field(200, ge=0, description="Unvoted pairs kept ready.")
     pair_overlap: int = Field(3, ge=1, description="Annotators wanted per pair.")
     gold_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    pair_active_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the pool's within-version pairs chosen actively: per batch, the "
+        "most different of pair_active_candidates times as many candidate pairs "
+        "(docs/active.md). 0: every pair drawn uniformly (random prompt, random seeds).",
+    )
+    pair_active_candidates: int = Field(
+        4,
+        ge=2,
+        le=16,
+        description="Candidate pairs sampled per actively chosen pair: the sampling cost of an "
+        "active pair, in uniform pairs.",
+    )
     daily_vote_cap: int = Field(2000, ge=0, description="Pairs served per user per UTC day.")
     weekly_vote_cap: int = Field(10000, ge=0, description="Pairs served per user per 7 days.")
     retry_after_seconds: int = Field(5, ge=1, description="Retry-After when no pair is ready.")

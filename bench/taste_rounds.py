@@ -99,6 +99,9 @@ class Cell:
     judge_hi: float
     seconds: float
     heldout: list[dict[str, Any]] = field(default_factory=list)
+    #: 95% interval of ``taste_gain`` over the units (paired, normal).
+    taste_lo: float = float("nan")
+    taste_hi: float = float("nan")
 
     @property
     def meets_goal(self) -> bool:
@@ -209,8 +212,12 @@ def run_cell(
     fp: str,
     parent_images: np.ndarray,
     units: tuple[list[str], list[int]],
+    votes: tuple[list[str], np.ndarray] | None = None,
+    tag: str = "",
 ) -> Cell:
-    """One round of the product on ``s.votes`` votes of the mix; A/B and judge on the units."""
+    """One round of the product on ``s.votes`` votes of the mix; A/B and judge on the units.
+    ``votes``: the pairs to vote on, ``(prompts, [n, 2, H, W, 3] images)`` (default: the
+    pool's uniform pairs, :func:`vote_images`); ``tag`` names the run directory apart."""
     from backend.ab_test import wilson_interval
     from backend.round_config import epoch_capped_steps, resolve_config, train_config_kwargs
     from worker.alignment.config import TrainConfig
@@ -224,7 +231,7 @@ def run_cell(
     started = time.perf_counter()
     mix = TasteMix.parse(s.mix_spec(taste), noise=s.noise)
     base = load_builtin(base_ckpt)
-    prompts, images = vote_images(base, seed, s, out, fp)
+    prompts, images = votes if votes is not None else vote_images(base, seed, s, out, fp)
     rng = np.random.default_rng([seed, 202, len(taste)])
     pairs, ties = [], 0
     for p, (a, b) in zip(prompts, images, strict=True):
@@ -247,7 +254,7 @@ def run_cell(
         base,
         train_pairs,
         cfg,
-        output_dir=out / "runs" / f"{taste}-{seed}-{_hash(asdict(s))}",
+        output_dir=out / "runs" / f"{taste}-{seed}{tag}-{_hash(asdict(s))}",
         resume=False,
         progress_bar=False,
         heldout=held,
@@ -271,8 +278,8 @@ def run_cell(
         (mix.utilities(cand, u_prompts) - mix.utilities(parent_images, u_prompts)).mean()
     )
     t = get_taste(taste)
-    t_gain = float(
-        np.mean(
+    t_gain, t_lo, t_hi = paired_interval(
+        np.array(
             [t(c, p) - t(par, p) for c, par, p in zip(cand, parent_images, u_prompts, strict=True)]
         )
     )
@@ -310,6 +317,8 @@ def run_cell(
         judge_hi=jhi,
         seconds=time.perf_counter() - started,
         heldout=[e.as_dict() for e in result.evals],
+        taste_lo=t_lo,
+        taste_hi=t_hi,
     )
 
 

@@ -14,7 +14,10 @@ up to ``settings.pair_pool_target`` *ready* pairs, i.e. active pairs that fewer 
 
    - **within-version** pairs (they feed training): two images of one prompt from the serving
      version, each with its own random seed and a random guidance scale drawn from a small
-     grid around the model's default, both logged on the image row (as Pick-a-Pic does);
+     grid around the model's default, both logged on the image row (as Pick-a-Pic does).
+     ``settings.pair_active_share`` of them are chosen actively (``docs/active.md``): the
+     batch samples ``settings.pair_active_candidates`` candidate pairs for each and keeps the
+     ones whose two images differ most (:mod:`backend.active`); the rest are drawn uniformly;
    - **cross-version** pairs (they feed the leaderboard, with the A/B pairs below): the
      serving version and its parent on one prompt, with the same seed and guidance scale, so
      only the model differs; :data:`CROSS_VERSION_FRACTION` of a batch when the serving
@@ -53,6 +56,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from backend import active
 from backend.models import (
     ABPhase,
     ABState,
@@ -115,6 +119,8 @@ class _PendingImage:
     width: int
     height: int
     rel_path: str = ""
+    #: A small float copy of the pixels (:func:`backend.active.thumbnail`), for active choice.
+    thumb: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -370,6 +376,7 @@ def _generate(
                 sampler=g.sampler,
                 width=g.width,
                 height=g.height,
+                thumb=active.thumbnail(g.image),
             )
     return [out[i] for i in range(len(jobs))]
 
@@ -507,6 +514,8 @@ def _build_batch(
     ab: list[tuple[ABPlan, int]] | None = None,
     models: dict[int, Backbone] | None = None,
     eval_prompts: list[tuple[int, str]] | None = None,
+    active_share: float = 0.0,
+    active_candidates: int = 1,
 ) -> _Batch:
     ab = [(p, k) for p, k in (ab or []) if k > 0]
     n_ab = sum(k for _, k in ab)
@@ -517,16 +526,26 @@ def _build_batch(
     grid = [round(default_cfg * f, 3) for f in CFG_GRID]
     batch = _Batch()
 
-    # Within-version: two seeds and two guidance scales per prompt.
+    # Within-version: two seeds and two guidance scales per prompt. Active choice
+    # (backend.active): ``n_active`` of them are the most different of ``active_candidates``
+    # times as many candidate pairs, drawn the same way.
+    n_active = active.active_count(n_within, active_share, rng)
+    n_uniform = n_within - n_active
+    n_drawn = n_uniform + n_active * max(1, active_candidates)
     jobs: list[tuple[int, str, int, float]] = []
-    for _ in range(n_within):
+    for _ in range(n_drawn):
         pid, text = rng.choice(prompts)
         jobs += [(pid, text, rng.randrange(2**31), rng.choice(grid)) for _ in range(2)]
     images = _generate(serving, serving_id, jobs)
-    for i in range(0, len(images), 2):
-        if images[i].sha256 == images[i + 1].sha256:
-            continue  # identical images teach nothing
-        batch.pairs.append(_PendingPair(PairKind.within_version, images[i], images[i + 1]))
+    # identical images teach nothing
+    drawn = [(images[i], images[i + 1]) for i in range(0, len(images), 2)]
+    within = [(a, b) for a, b in drawn[:n_uniform] if a.sha256 != b.sha256]
+    candidates = [(a, b) for a, b in drawn[n_uniform:] if a.sha256 != b.sha256]
+    if n_active:
+        distances = [active.pair_distance(a.thumb, b.thumb) for a, b in candidates]
+        within += [candidates[i] for i in active.choose_pairs(distances, n_active)]
+    for a, b in within:
+        batch.pairs.append(_PendingPair(PairKind.within_version, a, b))
 
     # Cross-version: one seed and scale, two models.
     if n_cross and parent is not None and parent_id is not None:
@@ -736,6 +755,8 @@ def refill_pool(
             ab=list(zip(plans, split, strict=True)),
             models=models,
             eval_prompts=eval_prompts,
+            active_share=settings.pair_active_share,
+            active_candidates=settings.pair_active_candidates,
         )
         added = _commit_batch(session_factory, store, batch, rng)
         made += added
