@@ -1,5 +1,6 @@
-"""The admin tab: the dataset, a start-round form, live rounds, versions with their validation
-grid, the leaderboard, annotators (ban / unban, new accounts), prompts and export.
+"""The admin tab: the dataset, a start-round form (with the chosen credit scheme's plot over
+timesteps beside it), live rounds, versions with their validation grid, the leaderboard,
+annotators (ban / unban, new accounts), prompts and export.
 
 Nothing here shows raw JSON: records become tables with named columns, metrics become labelled
 fields, a round's config is a form filled in from ``GET /rounds/config-defaults``. The tab is
@@ -120,6 +121,11 @@ _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
 _FIELD_ERROR = re.compile(r"^config\.([A-Za-z0-9_]+)(?:\.[^:]*)?:\s*(.*)$")
 
 AUTO_REFRESH_S = 5.0
+#: The credit plot's two lines. The names stay the same whatever the scheme: Gradio's LinePlot
+#: keeps the colour domain of its first value and draws no series it did not have then.
+CREDIT_SERIES = "chosen scheme"
+#: The reference line: Diffusion-DPO's uniform credit.
+CREDIT_REFERENCE = "uniform (W = 1)"
 
 
 class FormError(ValueError):
@@ -341,6 +347,46 @@ def votes_per_hour_frame(stats: Mapping[str, Any]) -> pd.DataFrame:
     return frame
 
 
+def credit_frame(curve: Mapping[str, Any]) -> pd.DataFrame:
+    """``GET /rounds/credit`` as (timestep, credit, series) rows for a line plot: the scheme's
+    weight W (:data:`CREDIT_SERIES`) and, for comparison, the uniform W = 1."""
+    points = list(zip(curve.get("timesteps") or [], curve.get("weight") or [], strict=False))
+    rows = [(float(t), float(w), CREDIT_SERIES) for t, w in points]
+    if points:
+        first, last = float(points[0][0]), float(points[-1][0])
+        rows += [(first, 1.0, CREDIT_REFERENCE), (last, 1.0, CREDIT_REFERENCE)]
+    return pd.DataFrame(rows, columns=["timestep", "credit", "series"])
+
+
+def credit_markdown(curve: Mapping[str, Any]) -> str:
+    """The credit curve in words: where the scheme puts the preference loss."""
+    scheme = escape_markdown(str(curve.get("scheme", "")))
+    model = escape_markdown(str(curve.get("base_model", "")))
+    total = int(curve.get("num_train_timesteps") or 0)
+    timesteps = [float(t) for t in curve.get("timesteps") or []]
+    weight = [float(w) for w in curve.get("weight") or []]
+    head = (
+        f"Credit W of **{scheme}** over the {total} timesteps of {model} (mean 1; timestep 0 "
+        f"is the least noise, {max(total - 1, 0)} the most)."
+    )
+    if not weight or len(weight) != len(timesteps):
+        return head
+    if max(weight) - min(weight) < 1e-9:
+        return f"{head} Every timestep counts the same."
+    mass = sum(weight)
+    running, median = 0.0, timesteps[-1]
+    for t, w in zip(timesteps, weight, strict=True):
+        running += w
+        if running >= mass / 2:
+            median = t
+            break
+    peak = max(range(len(weight)), key=weight.__getitem__)
+    return (
+        f"{head} Half the credit lies on timesteps up to about {median:.0f}; the most, "
+        f"W ≈ {weight[peak]:.2g}, at about {timesteps[peak]:.0f}."
+    )
+
+
 class AdminActions:
     """Admin operations over the API; each returns what a widget shows."""
 
@@ -402,6 +448,21 @@ class AdminActions:
             choices=choices,
             help=help_,
         )
+
+    def credit(
+        self, token: str, scheme: Any, base_model: str | None = None
+    ) -> tuple[pd.DataFrame, str]:
+        """The credit plot of ``scheme`` on the base model (default: the serving version's),
+        and its caption; a scheme or model the API cannot plot gives an empty plot and why."""
+        if not scheme:
+            return credit_frame({}), "_Choose a credit scheme to see its credit over timesteps._"
+        try:
+            curve = self.client.credit_curve(token, str(scheme), base_model=base_model or None)
+        except ApiError as exc:
+            if isinstance(exc, Unauthorized) or exc.status_code not in (404, 422):
+                raise
+            return credit_frame({}), f"_No credit plot: {escape_markdown(exc.detail)}_"
+        return credit_frame(curve), credit_markdown(curve)
 
     def curve(self, token: str, round_id: str) -> pd.DataFrame:
         """The round's logged steps in long form (step, value, series) for a line plot."""
@@ -614,28 +675,49 @@ def build_admin_tab(
 
     with gr.Accordion("Start a round", open=True):
         form_info = gr.Markdown("", elem_id="prefloop-round-form-info")
-        with gr.Row():
-            scheme = gr.Dropdown(label=FORM_FIELDS["scheme"], elem_id="prefloop-field-scheme")
-            timestep_mode = gr.Dropdown(
-                label=FORM_FIELDS["timestep_mode"], elem_id="prefloop-field-timestep_mode"
-            )
-        numbers: dict[str, Any] = {}
-        with gr.Row():
-            for key in ("beta", "learning_rate", "steps"):
-                numbers[key] = gr.Number(
-                    label=FORM_FIELDS[key],
-                    precision=0 if key in INTEGER_FIELDS else None,
-                    elem_id=f"prefloop-field-{key}",
-                    min_width=120,
+        # The main fields, and beside them the chosen scheme's credit over timesteps.
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=300, elem_id="prefloop-round-fields"):
+                with gr.Row():
+                    scheme = gr.Dropdown(
+                        label=FORM_FIELDS["scheme"], elem_id="prefloop-field-scheme"
+                    )
+                    timestep_mode = gr.Dropdown(
+                        label=FORM_FIELDS["timestep_mode"], elem_id="prefloop-field-timestep_mode"
+                    )
+                numbers: dict[str, Any] = {}
+                with gr.Row():
+                    for key in ("beta", "learning_rate", "steps"):
+                        numbers[key] = gr.Number(
+                            label=FORM_FIELDS[key],
+                            precision=0 if key in INTEGER_FIELDS else None,
+                            elem_id=f"prefloop-field-{key}",
+                            min_width=120,
+                        )
+                with gr.Row():
+                    for key in ("lora_rank", "holdout_fraction", "batch_size"):
+                        numbers[key] = gr.Number(
+                            label=FORM_FIELDS[key],
+                            precision=0 if key in INTEGER_FIELDS else None,
+                            elem_id=f"prefloop-field-{key}",
+                            min_width=120,
+                        )
+            with gr.Column(scale=2, min_width=280, elem_id="prefloop-credit"):
+                credit_plot = gr.LinePlot(
+                    x="timestep",
+                    y="credit",
+                    color="series",
+                    label="Credit of the chosen scheme over timesteps",
+                    show_label=False,  # a label pushes the legend out of the block (Gradio 6.31)
+                    x_title="timestep (0 = least noise)",
+                    y_title="credit W (mean 1)",
+                    x_axis_format="d",
+                    y_axis_format="~g",
+                    y_lim=[0, None],
+                    height=300,
+                    elem_id="prefloop-credit-plot",
                 )
-        with gr.Row():
-            for key in ("lora_rank", "holdout_fraction", "batch_size"):
-                numbers[key] = gr.Number(
-                    label=FORM_FIELDS[key],
-                    precision=0 if key in INTEGER_FIELDS else None,
-                    elem_id=f"prefloop-field-{key}",
-                    min_width=120,
-                )
+                credit_info = gr.Markdown("", elem_id="prefloop-credit-info")
         with gr.Accordion("Advanced", open=False):
             advanced_df = gr.Dataframe(
                 headers=["field", "value", "about"],
@@ -845,6 +927,7 @@ def build_admin_tab(
         except (ApiError, ApiUnavailable) as exc:
             return {form_info: _error_text(exc)}
         updates: dict[Any, Any] = {
+            **show_credit(session, form.defaults.get("scheme"), form),
             form_state: form,
             form_info: f"Defaults for **{escape_markdown(form.base_model)}**; change what you "
             "need, the rest keeps its default.",
@@ -861,6 +944,18 @@ def build_admin_tab(
             else:
                 updates[component] = gr.Number(value=value, info=info)
         return updates
+
+    def show_credit(
+        session: AnnotatorSession | None, chosen: Any, form: RoundForm | None
+    ) -> dict[Any, Any]:
+        try:
+            frame, text = actions.credit(
+                _token(session), chosen, form.base_model if form is not None else None
+            )
+        except (ApiError, ApiUnavailable, ValueError) as exc:
+            return {credit_plot: None, credit_info: _error_text(exc)}
+        top = max([1.0, *frame["credit"].tolist()]) * 1.15  # the uniform line below the top
+        return {credit_plot: gr.LinePlot(value=frame, y_lim=[0, top]), credit_info: text}
 
     def on_open(session: AnnotatorSession | None) -> Any:
         updates = refresh(session)
@@ -976,6 +1071,12 @@ def build_admin_tab(
         outputs=[*views, *field_list, form_errors],
         **private,
     )
+    scheme.input(
+        show_credit,
+        inputs=[session_state, scheme, form_state],
+        outputs=[credit_plot, credit_info],
+        **private,
+    )
     cancel_round_btn.click(lambda: gr.Row(visible=True), outputs=[confirm_row], **private)
     keep_btn.click(lambda: gr.Row(visible=False), outputs=[confirm_row], **private)
 
@@ -1067,6 +1168,8 @@ def build_admin_tab(
         advanced_df,
         form_errors,
         *field_list,
+        credit_plot,
+        credit_info,
         round_progress,
         curve_plot,
         version_md,

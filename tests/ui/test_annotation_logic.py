@@ -466,3 +466,48 @@ def test_votes_per_hour_become_a_time_series() -> None:
     assert [str(h) for h in frame["hour"]] == ["2026-03-01 10:00:00", "2026-03-01 11:00:00"]
     assert frame["votes"].tolist() == [1, 2]
     assert votes_per_hour_frame({"totals": None}).empty
+
+
+def test_the_credit_plot_and_its_caption(tmp_path: Path) -> None:
+    from ui.admin import CREDIT_REFERENCE, CREDIT_SERIES, credit_frame, credit_markdown
+
+    curve = {
+        "scheme": "dde",
+        "base_model": "builtin:shapes",
+        "num_train_timesteps": 4,
+        "timesteps": [0, 1, 2, 3],
+        "weight": [0.5, 2.5, 0.75, 0.25],
+        "density": [0.125, 0.625, 0.1875, 0.0625],
+    }
+    frame = credit_frame(curve)
+    assert frame.columns.tolist() == ["timestep", "credit", "series"]
+    assert frame[frame.series == CREDIT_SERIES].credit.tolist() == [0.5, 2.5, 0.75, 0.25]
+    assert frame[frame.series == CREDIT_REFERENCE].values.tolist() == [
+        [0.0, 1.0, CREDIT_REFERENCE],
+        [3.0, 1.0, CREDIT_REFERENCE],
+    ]
+    text = credit_markdown(curve)
+    assert "**dde**" in text and "4 timesteps of builtin:shapes" in text
+    assert "up to about 1" in text and "W ≈ 2.5, at about 1" in text
+    uniform = {**curve, "scheme": "uniform", "weight": [1.0] * 4}
+    # the same two series whatever the scheme (the plot keeps its first colour domain)
+    assert set(credit_frame(uniform).series) == {CREDIT_SERIES, CREDIT_REFERENCE}
+    assert credit_markdown(uniform).endswith("Every timestep counts the same.")
+    assert credit_frame({}).empty
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.params.get("base_model") == "hub/absent":
+            return httpx.Response(404, json={"detail": "no scheduler config for 'hub/absent'"})
+        return httpx.Response(200, json=curve)
+
+    actions = _admin(tmp_path, handler)
+    frame, text = actions.credit("t", "dde", "builtin:shapes")
+    assert len(frame) == 6 and "**dde**" in text
+    assert seen == ["http://api.test/api/v1/rounds/credit?scheme=dde&base_model=builtin%3Ashapes"]
+    frame, text = actions.credit("t", "dde", "hub/absent")
+    assert frame.empty and text.startswith("_No credit plot: no scheduler config")
+    frame, text = actions.credit("t", None)
+    assert frame.empty and "Choose a credit scheme" in text

@@ -5,7 +5,8 @@ One real uvicorn server (in a thread) serves ``backend.main.create_app()`` on a 
 SQLite data dir, with the Gradio UI mounted at ``/`` exactly as ``prefloop serve`` mounts it.
 The fixture seeds a prompt, two PNG images of the base version and a pair, a candidate version
 with a validation grid, and two annotators. The tests: an annotator votes with the keyboard;
-an admin starts a round from the form (and sees a bad value named beside its field), watches
+an admin starts a round from the form (and sees a bad value named beside its field, and the
+chosen credit scheme's plot over timesteps beside the form, following the scheme), watches
 its progress and curve move, publishes the candidate from its gallery, bans an annotator (whose
 next request is refused) and uploads prompts; both pages at 1280x800 and 390x844. Any
 JavaScript error or console error fails the test; screenshots are kept in the test's tmp dir
@@ -366,6 +367,37 @@ def _api(live_server: LiveServer, method: str, path: str, **kw: object) -> httpx
     )
 
 
+#: What the credit plot draws: its canvas's pixels, or its SVG (vega-embed renders either).
+_CREDIT_PLOT = """() => {
+    const el = document.querySelector('#prefloop-credit-plot');
+    const canvas = el && el.querySelector('canvas');
+    if (canvas && canvas.width > 0) return canvas.toDataURL();
+    const svg = el && el.querySelector('svg');
+    return svg ? svg.outerHTML : '';
+}"""
+#: The credit plot's drawn lines (vega's SVG): ``[stroke colour, number of path commands]``.
+_CREDIT_LINES = """() => Array.from(
+    document.querySelectorAll('#prefloop-credit-plot svg .mark-line path')
+).map(p => [p.getAttribute('stroke'), ((p.getAttribute('d') || '').match(/[ML]/g) || []).length])"""
+
+
+def _coloured_lines(page) -> list[int]:  # type: ignore[no-untyped-def]
+    """The number of points of each line of the credit plot that has a colour, sorted."""
+    return sorted(n for stroke, n in page.evaluate(_CREDIT_LINES) if stroke)
+
+
+def _settled_credit_plot(page) -> str:  # type: ignore[no-untyped-def]
+    """The credit plot once it has stopped changing (vega animates its updates)."""
+    last = None
+    for _ in range(60):
+        now = page.evaluate(_CREDIT_PLOT)
+        if now and now == last:
+            return str(now)
+        last = now
+        page.wait_for_timeout(250)
+    raise AssertionError("the credit plot never settled")
+
+
 def test_admin_starts_a_round_from_the_form_and_watches_it_move(
     live_server: LiveServer, page, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -373,8 +405,21 @@ def test_admin_starts_a_round_from_the_form_and_watches_it_move(
     # The form holds the built-in family's defaults; nothing on the tab is raw JSON.
     assert page.locator("#prefloop-field-steps input").input_value() == "200"
     assert page.locator("#prefloop-field-scheme input").input_value() == "dde"
+    # Beside the form: the default scheme's credit over the built-in model's 1000 timesteps.
+    _text_includes(page, "#prefloop-credit-info", "Credit W of dde over the 1000 timesteps")
+    page.wait_for_function(f"() => ({_CREDIT_PLOT})().length > 0")
+    plot, fields = (
+        page.locator(s).bounding_box() for s in ("#prefloop-credit-plot", "#prefloop-round-fields")
+    )
+    assert plot and fields and plot["width"] > 200 and plot["height"] > 100
+    assert plot["x"] >= fields["x"] + fields["width"] - 1, (plot, fields)  # to its right
+    assert plot["y"] < fields["y"] + fields["height"] and fields["y"] < plot["y"] + plot["height"]
     admin_text = page.locator("#prefloop-app").inner_text()
     assert '{"' not in admin_text and '":' not in admin_text
+    dde_plot = _settled_credit_plot(page)
+    # both lines are drawn, in colour: the scheme's through every point, the uniform reference
+    assert _coloured_lines(page) == [2, 100]
+    _screenshot(page, tmp_path, "admin-credit-dde")
 
     page.locator("#prefloop-field-beta input").fill("-1")
     page.locator("#prefloop-start-round").click()
@@ -385,6 +430,11 @@ def test_admin_starts_a_round_from_the_form_and_watches_it_move(
     page.locator("#prefloop-field-beta input").fill("2000")
     page.locator("#prefloop-field-steps input").fill("7")
     _choose(page, "#prefloop-field-scheme", "uniform")
+    # The plot follows the scheme: uniform credit is flat.
+    _text_includes(page, "#prefloop-credit-info", "Every timestep counts the same")
+    assert _settled_credit_plot(page) != dde_plot
+    assert _coloured_lines(page) == [2, 100]  # a line Gradio leaves uncoloured is not drawn
+    _screenshot(page, tmp_path, "admin-credit-uniform")
     page.locator("#prefloop-start-round").click()
     _text_includes(page, "#prefloop-admin-status", "queued")
     assert page.locator("#prefloop-round-errors").inner_text().strip() == ""
