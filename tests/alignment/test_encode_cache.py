@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from worker.alignment.adapters import read_adapter_file
 from worker.alignment.config import TrainConfig
@@ -48,7 +49,7 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _cache_files(output_dir: Path) -> list[Path]:
-    return sorted((output_dir / CACHE_DIRNAME).glob("*.pt"))
+    return sorted((output_dir / CACHE_DIRNAME).glob("*.safetensors"))
 
 
 class _Calls:
@@ -115,7 +116,7 @@ def test_the_pixel_model_caches_prompts_only(tiny_pixel, tmp_path):
     cached = train(tiny_pixel, pairs, _config(steps=2), output_dir=tmp_path / "cached")
     _assert_same_run(plain, cached)
     [file] = _cache_files(tmp_path / "cached")
-    data = torch.load(file, weights_only=True)
+    data = load_file(file)
     assert "latent_mean" not in data and data["hidden"].shape[0] == 3
 
 
@@ -216,15 +217,22 @@ def test_an_unreadable_file_is_rebuilt_and_write_false_writes_nothing(tiny_sd, t
     assert not directory.exists() and not in_memory.reused
 
     directory.mkdir()
-    (directory / f"{key}.pt").write_bytes(b"half a file")  # e.g. a crash without fsync
+    (directory / f"{key}.safetensors").write_bytes(b"half a file")  # e.g. a crash without fsync
     built = load_or_build(tiny_sd, pairs, resolution=16, directory=directory, device=CPU)
     assert not built.reused
     again = load_or_build(tiny_sd, pairs, resolution=16, directory=directory, device=CPU)
     assert again.reused
     for a, b in ((in_memory, again), (built, again)):
-        assert torch.equal(a.latent_mean, b.latent_mean)
-        assert torch.equal(a.latent_std, b.latent_std)
-        assert torch.equal(a.hidden, b.hidden)
+        for x, y in zip(a.latent_distribution([1, 0]), b.latent_distribution([1, 0]), strict=True):
+            assert x.shape == (4, 4, 8, 8) and torch.equal(x, y)
+        prompts = [p.prompt for p in pairs]
+        assert torch.equal(
+            a.conditioning(prompts, CPU).encoder_hidden_states,
+            b.conditioning(prompts, CPU).encoder_hidden_states,
+        )
+    # the rows read back are the rows encoded: pair 1's winner is row 2 of the file
+    mean, _ = again.latent_distribution([1])
+    assert torch.equal(mean[0], load_file(again.path)["latent_mean"][2])
     # a non-main process finds the file and reads it instead of encoding
     assert load_or_build(
         tiny_sd, pairs, resolution=16, directory=directory, device=CPU, write=False

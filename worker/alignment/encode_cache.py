@@ -10,7 +10,7 @@ trainer need not run them at every step. :func:`load_or_build` encodes, once per
   and SDXL's pooled embedding and size ids);
 
 and keeps them in one file beside the round's checkpoints
-(``<output_dir>/encode-cache/<key>.pt``). A step then *samples* each latent from its cached
+(``<output_dir>/encode-cache/<key>.safetensors``). A step then *samples* each latent from its cached
 distribution with the pair's own seeded generator, the same draw ``dist.sample(generator)``
 makes (:meth:`EncodingCache.sample_latents`), so the run consumes every generator in the same
 order as without the cache and stays a function of (seed, data, config).
@@ -19,9 +19,11 @@ The file name is a hash of everything the encodings depend on: the model (name, 
 fingerprint of the VAE's and text encoders' weights, their dtypes), the resolution, the device
 type, the prompts and the bytes of every image, in order. A resumed round finds its file and
 loads it; a round on another model or snapshot finds none, encodes anew and removes the old file.
-The file is written atomically (:func:`backend.fileio.atomic_write`) and read memory-mapped, so
-its size (below) is page cache, not the process's own memory; an unreadable or mismatched file is
-rebuilt.
+The file (safetensors) is written atomically (:func:`backend.fileio.atomic_write`); a step reads
+its batch's rows from it with ``pread``, so however large the cache, the process keeps none of it
+in memory (the kernel's page cache serves the reads). An unreadable, incomplete or mismatched file
+is rebuilt. While the cache is built, the encodings are held in memory once more than the file
+(the tensors, then the file's bytes), before the first step.
 
 Size: ``2 x 4 bytes x C x h x w`` per image (fp32 latents), i.e. 128 KB per image for SD1.5 at
 512 px (4 x 64 x 64), 512 KB for SDXL at 1024 px; plus ``4 x L x D`` bytes per distinct prompt
@@ -34,8 +36,11 @@ standalone).
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import logging
+import math
+import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,54 +63,148 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CACHE_DIRNAME = "encode-cache"
-FORMAT_VERSION = 1
-_SUFFIX = ".pt"
+FORMAT_VERSION = 2
+_SUFFIX = ".safetensors"
+_LATENTS = ("latent_mean", "latent_std")
+_ADDED = ("text_embeds", "time_ids")
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
+
+
+class _MemoryRows:
+    """Rows of tensors held in memory (a cache encoded by a process that does not write)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def rows(self, name: str, index: Sequence[int]) -> torch.Tensor:
+        return self.tensors[name].index_select(0, torch.tensor(list(index), dtype=torch.long))
+
+    def close(self) -> None:
+        pass
+
+
+class _FileRows:
+    """Rows of the tensors of a safetensors file, read with ``pread`` when asked for.
+
+    Nothing of the file stays in the process (no mmap): a step reads its batch's rows (the page
+    cache serves them) into fresh tensors, so the cache adds nothing to the process's resident
+    memory however large it is.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("bad header length")
+            header = json.loads(os.pread(self.fd, n, 8))
+            self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+            self.layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+            end = 0
+            for name, info in header.items():
+                begin, stop = (int(v) for v in info["data_offsets"])
+                self.layout[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin)
+                end = max(end, stop)
+            if 8 + n + end != size:
+                raise ValueError(f"{size} bytes, the header describes {8 + n + end}")
+        except BaseException:
+            self.close()
+            raise
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layout
+
+    def rows(self, name: str, index: Sequence[int]) -> torch.Tensor:
+        dtype, shape, offset = self.layout[name]
+        row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        buf = bytearray(len(index) * row_bytes)
+        view = memoryview(buf)
+        for k, r in enumerate(index):
+            if not 0 <= r < shape[0]:
+                raise IndexError(f"row {r} of {name} {shape}")
+            chunk = os.pread(self.fd, row_bytes, offset + r * row_bytes)
+            if len(chunk) != row_bytes:
+                raise OSError(f"short read from {self.path}")
+            view[k * row_bytes : (k + 1) * row_bytes] = chunk
+        return torch.frombuffer(buf, dtype=dtype).reshape(len(index), *shape[1:])
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass
 class EncodingCache:
-    """A round's encodings, in memory (memory-mapped from the cache file).
+    """A round's encodings: read by rows from the cache file (or held in memory).
+
+    The stored tensors: ``hidden`` ``[P, L, D]`` token embeddings, one row per distinct prompt
+    (SDXL adds ``text_embeds`` ``[P, D2]`` and ``time_ids`` ``[P, 6]``); with a VAE,
+    ``latent_mean`` and ``latent_std`` ``[2N, C, h, w]`` in the VAE's dtype, the winner of pair
+    i at row 2i and its loser at 2i + 1.
 
     Attributes:
         key: the hash the file is named by (:func:`cache_key`).
         prompts: the distinct prompts, in the order of the rows of ``hidden``.
-        hidden: ``[P, L, D]`` token embeddings, one row per distinct prompt.
-        added: SDXL's ``{"text_embeds": [P, D2], "time_ids": [P, 6]}``, or None.
-        latent_mean / latent_std: ``[2N, C, h, w]``, the winner of pair i at row 2i and its loser
-            at 2i + 1, in the VAE's dtype; None for a model without a VAE.
         scaling_factor: the VAE's ``scaling_factor`` (applied after sampling, as
             :meth:`Backbone.images_to_latents` does).
         channels_last: the VAE gave its distribution in channels-last order (oneDNN on a CPU
             does); the sampled latents are laid out alike, so the UNet gets the very tensor it
             would get from the VAE (its convolutions round differently on another layout).
         reused: True when the file was there already (a resumed round), False when built now.
+        path: the cache file, or None for a cache held in memory.
     """
 
     key: str
     prompts: list[str]
-    hidden: torch.Tensor
-    added: dict[str, torch.Tensor] | None
-    latent_mean: torch.Tensor | None
-    latent_std: torch.Tensor | None
+    store: _MemoryRows | _FileRows
     scaling_factor: float
     channels_last: bool = False
     reused: bool = False
+    path: Path | None = None
 
     def __post_init__(self) -> None:
         self._row = {p: i for i, p in enumerate(self.prompts)}
 
     @property
     def has_latents(self) -> bool:
-        return self.latent_mean is not None
+        return "latent_mean" in self.store
+
+    def close(self) -> None:
+        """Closes the cache file (a closed cache cannot be read)."""
+        self.store.close()
 
     def conditioning(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
         """The :class:`Conditioning` of ``prompts`` (rows in their order), on ``device``."""
-        rows = torch.tensor([self._row[p] for p in prompts], dtype=torch.long)
-        hidden = self.hidden.index_select(0, rows).to(device)
+        rows = [self._row[p] for p in prompts]
+        hidden = self.store.rows("hidden", rows).to(device)
         added = None
-        if self.added is not None:
-            added = {k: v.index_select(0, rows).to(device) for k, v in self.added.items()}
+        if "text_embeds" in self.store:
+            added = {k: self.store.rows(k, rows).to(device) for k in _ADDED}
         return Conditioning(hidden, added)
+
+    def latent_distribution(self, pair_indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)``, each ``[2B, C, h, w]`` on the CPU, of the batch ``[winners; losers]``."""
+        if not self.has_latents:
+            raise ValueError("this cache holds no latents (the model has no VAE)")
+        idx = [2 * int(i) for i in pair_indices] + [2 * int(i) + 1 for i in pair_indices]
+        return self.store.rows("latent_mean", idx), self.store.rows("latent_std", idx)
 
     def sample_latents(
         self,
@@ -123,12 +222,8 @@ class EncodingCache:
         """
         from diffusers.utils.torch_utils import randn_tensor
 
-        if self.latent_mean is None or self.latent_std is None:
-            raise ValueError("this cache holds no latents (the model has no VAE)")
-        idx = [2 * int(i) for i in pair_indices] + [2 * int(i) + 1 for i in pair_indices]
-        rows = torch.tensor(idx, dtype=torch.long)
-        mean = self.latent_mean.index_select(0, rows).to(device)
-        std = self.latent_std.index_select(0, rows).to(device)
+        mean, std = self.latent_distribution(pair_indices)
+        mean, std = mean.to(device), std.to(device)
         if self.channels_last:
             mean = mean.contiguous(memory_format=torch.channels_last)
             std = std.contiguous(memory_format=torch.channels_last)
@@ -237,8 +332,8 @@ def _encode(
         if cond.added_cond_kwargs is not None:
             added.append({k: v.cpu() for k, v in cond.added_cond_kwargs.items()})
     out: dict[str, Any] = {"prompts": prompts, "hidden": torch.cat(hidden)}
-    if added:
-        out["added"] = {k: torch.cat([a[k] for a in added]) for k in added[0]}
+    for name in _ADDED if added else ():
+        out[name] = torch.cat([a[name] for a in added])
     if bb.vae is not None:
         vae_dtype = next(bb.vae.parameters()).dtype
         means, stds = [], []
@@ -265,34 +360,25 @@ def _encode(
     return out
 
 
-def _read(path: Path, key: str) -> dict[str, Any] | None:
-    """The payload at ``path`` if it is a complete cache file of ``key``, else None."""
+def _open(path: Path, key: str, scaling_factor: float) -> EncodingCache | None:
+    """The cache file at ``path`` if it is complete and of ``key``, else None."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        store = _FileRows(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt
         logger.warning("encode cache %s unreadable (%s); rebuilding", path, exc)
         return None
-    if (
-        not isinstance(data, dict)
-        or data.get("key") != key
-        or data.get("version") != FORMAT_VERSION
-    ):
+    meta = store.metadata
+    if meta.get("key") != key or meta.get("version") != str(FORMAT_VERSION):
+        store.close()
         logger.warning("encode cache %s belongs to another run; rebuilding", path)
         return None
-    return data
-
-
-def _to_cache(data: dict[str, Any], scaling_factor: float, reused: bool) -> EncodingCache:
     return EncodingCache(
-        key=str(data["key"]),
-        prompts=list(data["prompts"]),
-        hidden=data["hidden"],
-        added=data.get("added"),
-        latent_mean=data.get("latent_mean"),
-        latent_std=data.get("latent_std"),
+        key=key,
+        prompts=list(json.loads(meta["prompts"])),
+        store=store,
         scaling_factor=scaling_factor,
-        channels_last=bool(data.get("channels_last", False)),
-        reused=reused,
+        channels_last=meta.get("channels_last") == "1",
+        path=path,
     )
 
 
@@ -324,24 +410,37 @@ def load_or_build(
     path = directory / f"{key}{_SUFFIX}"
     scaling = float(bb.vae.config.scaling_factor) if bb.vae is not None else 1.0
     if path.is_file():
-        data = _read(path, key)
-        if data is not None:
+        cache = _open(path, key, scaling)
+        if cache is not None:
             logger.info("encode cache: reusing %s", path)
-            return _to_cache(data, scaling, reused=True)
+            cache.reused = True
+            return cache
     data = _encode(bb, pairs, resolution, device, batch_size, should_stop)
     if data is None:
         return None
-    data.update(key=key, version=FORMAT_VERSION)
+    prompts: list[str] = data.pop("prompts")
+    channels_last = bool(data.pop("channels_last", False))
     if not write:
-        return _to_cache(data, scaling, reused=False)
-    buf = io.BytesIO()
-    torch.save(data, buf)
-    atomic_write(path, buf.getvalue())
+        return EncodingCache(key, prompts, _MemoryRows(data), scaling, channels_last)
+    from safetensors.torch import save
+
+    metadata = {
+        "key": key,
+        "version": str(FORMAT_VERSION),
+        "prompts": json.dumps(prompts),
+        "channels_last": "1" if channels_last else "0",
+        "model": str(bb.name),
+    }
+    payload = save({k: v.contiguous() for k, v in data.items()}, metadata=metadata)
+    del data
+    atomic_write(path, payload)
     for old in directory.glob(f"*{_SUFFIX}"):  # another snapshot's or model's cache
         if old != path:
             old.unlink(missing_ok=True)
-    logger.info("encode cache: wrote %s (%.1f MB)", path, buf.tell() / 2**20)
-    # read back memory-mapped: the arrays live in the page cache, not in this process's heap,
-    # and this run uses the very bytes a resumed run will read
-    reread = _read(path, key)
-    return _to_cache(reread if reread is not None else data, scaling, reused=False)
+    logger.info("encode cache: wrote %s (%.1f MB)", path, len(payload) / 2**20)
+    del payload
+    # this run reads the file as a resumed run will: the same bytes, and nothing kept in memory
+    cache = _open(path, key, scaling)
+    if cache is None:
+        raise OSError(f"the encode cache just written to {path} cannot be read back")
+    return cache

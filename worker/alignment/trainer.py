@@ -438,6 +438,9 @@ class _Trainer:
         from accelerate.state import AcceleratorState, GradientState
 
         bb = self.backbone
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
         acc = getattr(self, "accelerator", None)
         if acc is not None and getattr(self, "model", None) is not None:
             # drop accelerate's autocast patch on forward and any DDP wrapper
@@ -478,7 +481,7 @@ class _Trainer:
                 "encode cache %s: %d prompts%s",
                 "reused" if cache.reused else "built",
                 len(cache.prompts),
-                f", {cache.latent_mean.shape[0]} latents" if cache.latent_mean is not None else "",
+                f", {2 * len(self.pairs)} latent distributions" if cache.has_latents else "",
             )
         return cache
 
