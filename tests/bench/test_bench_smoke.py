@@ -128,3 +128,43 @@ def test_train_step_quick_prints_every_row(tmp_path: Path) -> None:
     assert data["verdict"]["answer"] in ("YES", "NO")
     if no_gpu:
         assert data["gpu_sd15"] == {"skipped": True, "reason": "no CUDA device"}
+
+
+@pytest.mark.slow
+def test_train_step_cache_only_prints_before_and_after(tmp_path: Path) -> None:
+    """``--cache-only``: tiny SD with the encode cache off and on, in one table."""
+    out_json = tmp_path / "train_step.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.train_step",
+        "--cache-only",
+        "--quick",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "2",
+        "--pairs",
+        "2",
+        "--out",
+        str(out_json),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "DDE/DPO cost ratio" not in proc.stdout  # the main table is skipped
+    lines = proc.stdout.splitlines()
+    header_idx = next(i for i, line in enumerate(lines) if "encode cache" in line and "|" in line)
+    rows = [[c.strip() for c in line.split("|")] for line in lines[header_idx + 2 :] if "|" in line]
+    assert [r[:5] for r in rows] == [
+        ["tiny-sd", "lora", "dde", "importance", "off (before)"],
+        ["tiny-sd", "lora", "dde", "importance", "on (after)"],
+    ]
+    assert rows[0][7] == "1.00 (before)" and math.isfinite(_number(rows[1][7]))
+    data = json.loads(out_json.read_text())
+    assert [r["encode_cache"] for r in data["encode_cache_rows"]] == [False, True]
+    assert "rows" not in data
