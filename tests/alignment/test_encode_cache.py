@@ -156,6 +156,23 @@ def test_a_resumed_run_reuses_the_cache(tiny_sd_path, tmp_path):
     assert resumed.adapter_sha256 == unbroken.adapter_sha256
 
 
+def test_a_stop_while_the_cache_is_built_cancels_the_run(tiny_sd, tmp_path):
+    from worker.alignment.trainer import ADAPTER_FILENAME, TrainingCancelled
+
+    answers = iter([True])  # True once, while the cache is built; False after that
+
+    with pytest.raises(TrainingCancelled) as info:
+        train(
+            tiny_sd,
+            make_pairs(3),
+            _config(),
+            output_dir=tmp_path,
+            should_stop=lambda: next(answers, False),
+        )
+    assert info.value.step == 0
+    assert not (tmp_path / ADAPTER_FILENAME).exists() and not _cache_files(tmp_path)
+
+
 # ------------------------------------------------------------------------------ invalidation
 def test_a_changed_snapshot_rebuilds_the_cache(tiny_sd_path, tmp_path):
     """Same prompts (so the checkpoint's data fingerprint matches), one winner image changed:

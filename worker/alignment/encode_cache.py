@@ -433,6 +433,8 @@ def load_or_build(
     }
     payload = save({k: v.contiguous() for k, v in data.items()}, metadata=metadata)
     del data
+    for stale in directory.glob(".*.tmp"):  # a writer killed before its rename
+        stale.unlink(missing_ok=True)
     atomic_write(path, payload)
     for old in directory.glob(f"*{_SUFFIX}"):  # another snapshot's or model's cache
         if old != path:

@@ -256,6 +256,7 @@ class _Trainer:
         self.backbone = backbone
         self.encode_cache = encode_cache
         self.cache: EncodingCache | None = None
+        self._cache_stopped = False
         self.fidelity_probe = fidelity_probe
         self.config = config
         self.output_dir = output_dir
@@ -483,6 +484,10 @@ class _Trainer:
                 len(cache.prompts),
                 f", {2 * len(self.pairs)} latent distributions" if cache.has_latents else "",
             )
+        elif self.cache_latents:
+            # the build was stopped: the data stream carries no images, so no step may run;
+            # the loop's first check cancels the run on every process
+            self._cache_stopped = True
         return cache
 
     # ---------------------------------------------------------------- one micro-batch
@@ -785,10 +790,8 @@ class _Trainer:
         try:
             while state.step < cfg.steps and stop_reason is None:
                 if self.should_stop is not None:
-                    flag = torch.tensor(
-                        [1 if (acc.is_main_process and self.should_stop()) else 0],
-                        device=acc.device,
-                    )
+                    stop = acc.is_main_process and (self._cache_stopped or self.should_stop())
+                    flag = torch.tensor([1 if stop else 0], device=acc.device)
                     if int(broadcast(flag).item()):
                         raise TrainingCancelled(state.step)
                 metrics = self._train_step(state, stream)
