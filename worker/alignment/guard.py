@@ -191,7 +191,9 @@ class EvalTracker:
             if self.over_fidelity < self.fidelity_patience:
                 return False, None
             kept = f"step {best.step}" if best is not None else "nothing"
-            in_a_row = f" ({self.over_fidelity} readings in a row)" if self.over_fidelity > 1 else ""
+            in_a_row = (
+                f" ({self.over_fidelity} readings in a row)" if self.over_fidelity > 1 else ""
+            )
             return False, (
                 f"fidelity fell by {-m.fidelity:.4g} at step {m.step}, more than the budget "
                 f"{self.fidelity_budget:g}{in_a_row}: stopped, keeping {kept}"
